@@ -1,0 +1,99 @@
+"""Configuration: the shared defaults of every experiment (SPEC §2-§8) and their validation.
+
+Experiment files import `get_base_config()` and override what differs. Every field is documented here once.
+"""
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # Seeds parameters, data order, noise, dropout; a resumed run redraws the same numbers.
+
+  # --- data (SPEC §8) ---
+  c.data = d = ml_collections.ConfigDict()
+  d.source = 'tfds'  # 'tfds' | 'digits' (scikit-learn, offline) | 'npz' | 'folder'.
+  d.name = 'cifar100'  # TFDS dataset name (any image-classification dataset with image/label features).
+  d.tfds_data_dir = ''  # Folder holding prepared TFDS data ('' = TFDS default, ~/tensorflow_datasets).
+  d.label_key = 'label'  # Feature holding the class ('label' = CIFAR-100's fine labels).
+  d.train_split = 'train'
+  d.test_split = 'test'
+  d.path = ''  # .npz file (x_train/y_train/x_test/y_test) or image-folder root, for those sources.
+  d.on_corrupt = 'error'  # Folder source: 'error' or 'skip' an unreadable image (always reported by path).
+  d.mean = (0.5071, 0.4867, 0.4408)  # Per-channel normalisation (CIFAR-100 statistics).
+  d.std = (0.2675, 0.2565, 0.2761)
+  d.pad_crop = 4  # Random crop with this much zero padding (0 = off).
+  d.flip = True  # Random horizontal flip, p = 0.5.
+  d.randaugment = False  # torchvision RandAugment on the device (paper recipe).
+  d.randaugment_num_ops = 2
+  d.randaugment_magnitude = 9
+
+  # --- model (SPEC §2, §3); image size, channels and classes come from the data ---
+  c.model = m = ml_collections.ConfigDict()
+  m.kind = 'dblock'  # 'dblock' (DiffusionBlocks ViT-DiT) or 'vit' (end-to-end baseline).
+  m.patch_size = 4
+  m.hidden_size = 128
+  m.num_layers = 12
+  m.num_heads = 4
+  m.mlp_dim = 3072  # Hugging Face's default intermediate size, never overridden by the release.
+  m.dropout = 0.1  # After position embeddings and on both residual branches.
+  m.attention_dropout = 0.1  # On attention probabilities.
+  m.layer_norm_eps = 1e-12
+  m.num_blocks = 3  # B: blocks = diffusion steps (dblock only).
+  m.layers_per_block = ()  # Explicit uneven partition, e.g. (5, 4, 3); () = num_layers / num_blocks each.
+  m.label_token = 'replace'  # 'replace' the CLS token with c_in*z_t (release) or 'concat' it (paper).
+  m.independent_blocks = False  # Each block owns a copy of the shared parts (needed for parallel_blocks).
+  m.compute_dtype = 'float32'  # 'float32' (parity) or 'bfloat16'; parameters and optimizer stay fp32.
+
+  # --- diffusion (SPEC §4, §5, §7) ---
+  c.diffusion = f = ml_collections.ConfigDict()
+  f.sigma_min = 0.002
+  f.sigma_max = 80.0
+  f.p_mean = -1.2
+  f.p_std = 1.2
+  f.sigma_data = 0.5
+  f.overlap = 0.05  # gamma: each block's noise range widened by this fraction of its log-width per side.
+  f.loss_weighting = 'batch_mean'  # 'batch_mean' = mean(w)*mean(ce) (release) | 'per_sample' = mean(w*ce).
+  f.class_dropout_prob = 0.0  # Classifier-free guidance training: zero the image for this share of a batch.
+
+  # --- optimizer (SPEC §6) ---
+  c.optim = o = ml_collections.ConfigDict()
+  o.lr = 1e-3
+  o.b1 = 0.9
+  o.b2 = 0.999
+  o.eps = 1e-8
+  o.weight_decay = 0.01  # On every parameter, biases, norms and embeddings included (PyTorch AdamW).
+  o.grad_clip = 1.0  # Global L2 norm over the gradients that exist in the step (0 = off).
+  o.schedule = 'constant_with_warmup'  # Or 'cosine_with_min_lr'.
+  o.warmup_epochs = 0.0  # Linear warm-up length in (training) epochs.
+  o.min_lr = 0.0  # Floor of 'cosine_with_min_lr'.
+
+  # --- training ---
+  c.train = t = ml_collections.ConfigDict()
+  t.batch_size = 128  # Global batch, split over the 'data' mesh axis.
+  t.num_epochs = 500  # Baseline epochs; DiffusionBlocks trains num_epochs * B (same block-updates each).
+  t.scale_epochs_by_blocks = True  # Multiply num_epochs by B for dblock (SPEC §5.7).
+  t.steps_per_call = 50  # Training steps fused into one compiled call (lax.scan); logs happen between.
+  t.log_every_steps = 200
+  t.checkpoint_every_steps = 2000
+  t.keep_checkpoints = 3
+  t.eval_every_epochs = 10.0  # Test-split evaluation cadence (0 = only at the end).
+
+  # --- evaluation (SPEC §7) ---
+  c.eval = e = ml_collections.ConfigDict()
+  e.batch_size = 500
+  e.num_inference_steps = 0  # 0 = num_blocks (each block runs once).
+  e.normalized_embeddings = False  # x_hat from raw rows of E (release) or the L2-normalised rows.
+  e.cfg_scale = 1.0  # Classifier-free guidance scale; 1.0 = plain conditional logits (no extra pass).
+  e.step = 0  # --mode=eval: checkpoint step to evaluate (0 = latest).
+
+  # --- devices (sharding.py) ---
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # Devices on the 'data' axis (-1 = all).
+  c.parallel_blocks = False  # Train the B independent blocks concurrently on B device groups.
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.enabled = False  # Call jax.distributed.initialize() (auto-detected under SLURM).
+  c.distributed.coordinator_address = ''  # host:port; '' = let JAX detect it (SLURM).
+  c.distributed.num_processes = 0  # 0 = detect.
+  c.distributed.process_id = -1  # -1 = detect.
+  return c

@@ -1,0 +1,133 @@
+"""The diffusion side of DiffusionBlocks: noise levels, routing, EDM preconditioning (SPEC §4, §5, §7).
+
+Noise schedules that depend only on the config (boundaries, widened ranges, inference sigmas) are computed
+once in float64 NumPy, so they are exact constants in the compiled step; anything per-example is jnp.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy import special
+
+
+@dataclasses.dataclass(frozen=True)
+class EDM:
+  """EDM noise distribution and preconditioning constants (SPEC §4)."""
+  sigma_min: float = 0.002
+  sigma_max: float = 80.0
+  p_mean: float = -1.2
+  p_std: float = 1.2
+  sigma_data: float = 0.5
+
+  @classmethod
+  def from_config(cls, diffusion_config) -> EDM:
+    return cls(**{f.name: float(diffusion_config[f.name]) for f in dataclasses.fields(cls)})
+
+  def cdf(self, sigma):
+    """Φ((ln σ − P_mean)/P_std): the log-normal's CDF, in which blocks get equal probability mass."""
+    return special.ndtr((np.log(sigma) - self.p_mean) / self.p_std)
+
+  def icdf(self, u):
+    return np.exp(self.p_mean + self.p_std * special.ndtri(u))
+
+
+DEFAULT_EDM = EDM()
+
+
+def _equiprobable(num_points: int, edm: EDM) -> np.ndarray:
+  u = np.linspace(edm.cdf(edm.sigma_min), edm.cdf(edm.sigma_max), num_points)
+  sigmas = edm.icdf(u)
+  # Pin the end points: ndtri(ndtr(x)) loses digits in the far tails.
+  sigmas[0], sigmas[-1] = edm.sigma_min, edm.sigma_max
+  return sigmas
+
+
+def block_sigmas(num_blocks: int, edm: EDM = DEFAULT_EDM) -> np.ndarray:
+  """B+1 ascending boundaries, equally spaced in Φ (SPEC §4). B=3: [0.002, 0.179632, 0.505041, 80]."""
+  if num_blocks < 1:
+    raise ValueError(f'num_blocks must be >= 1, got {num_blocks}')
+  return _equiprobable(num_blocks + 1, edm)
+
+
+def widened_ranges(num_blocks: int, overlap: float = 0.05, edm: EDM = DEFAULT_EDM) -> np.ndarray:
+  """(B, 2) training ranges: each bucket widened by γ of its log-width per side, clipped (SPEC §5.2)."""
+  b = np.log(block_sigmas(num_blocks, edm))
+  width = b[1:] - b[:-1]
+  lo = np.exp(b[:-1] - overlap * width)
+  hi = np.exp(b[1:] + overlap * width)
+  return np.clip(np.stack([lo, hi], axis=1), edm.sigma_min, edm.sigma_max)
+
+
+def inference_sigmas(num_steps: int, edm: EDM = DEFAULT_EDM) -> np.ndarray:
+  """N descending sigmas, equally spaced in Φ (SPEC §7). N=3: [80, 0.3012, 0.002]."""
+  if num_steps < 1:
+    raise ValueError(f'num_steps must be >= 1, got {num_steps}')
+  if num_steps == 1:
+    return np.array([edm.sigma_max])
+  return _equiprobable(num_steps, edm)[::-1].copy()
+
+
+def bucket(sigmas, num_blocks: int, edm: EDM = DEFAULT_EDM):
+  """Index of the boundary interval holding each σ: (#boundaries ≤ σ) − 1, clipped to [0, B−1]."""
+  bounds = jnp.asarray(block_sigmas(num_blocks, edm), jnp.float32)
+  count = jnp.sum(jnp.asarray(sigmas, jnp.float32)[..., None] >= bounds, axis=-1)
+  return jnp.clip(count - 1, 0, num_blocks - 1)
+
+
+def route(sigmas, num_blocks: int, edm: EDM = DEFAULT_EDM):
+  """Block that denoises each σ: high noise → block 0 (first layers), low noise → block B−1 (SPEC §5.4)."""
+  return num_blocks - 1 - bucket(sigmas, num_blocks, edm)
+
+
+def route_static(sigma: float, num_blocks: int, edm: EDM = DEFAULT_EDM) -> int:
+  """`route` for one Python float, for the sampler whose schedule is known when tracing."""
+  count = int(np.sum(float(sigma) >= block_sigmas(num_blocks, edm)))
+  return num_blocks - 1 - min(max(count - 1, 0), num_blocks - 1)
+
+
+def sample_training_sigmas(key: jax.Array, batch_size: int, num_blocks: int, overlap: float = 0.05,
+                           edm: EDM = DEFAULT_EDM):
+  """One uniform bucket for the batch, then truncated log-normal σ in its widened range (SPEC §5.1-5.4).
+
+  Returns (sigmas (batch,), block) where block = B−1−mode(bucket(σ)), an int32 scalar for `lax.switch`.
+  """
+  bucket_key, u_key = jax.random.split(key)
+  ranges = jnp.asarray(edm.cdf(widened_ranges(num_blocks, overlap, edm)), jnp.float32)
+  k = jax.random.randint(bucket_key, (), 0, num_blocks)
+  u = jax.random.uniform(u_key, (batch_size,), minval=ranges[k, 0], maxval=ranges[k, 1])
+  sigmas = jnp.exp(edm.p_mean + edm.p_std * jax.scipy.special.ndtri(u))
+  sigmas = jnp.clip(sigmas, edm.sigma_min, edm.sigma_max)
+  counts = jnp.bincount(bucket(sigmas, num_blocks, edm), length=num_blocks)
+  # argmax returns the first maximum, i.e. the smallest bucket on ties, as torch.mode does.
+  block = (num_blocks - 1 - jnp.argmax(counts)).astype(jnp.int32)
+  return sigmas, block
+
+
+def preconditioning(sigma, sigma_data: float = 0.5):
+  """EDM coefficients (c_skip, c_out, c_in, c_noise) for σ of any shape (SPEC §4)."""
+  sigma = jnp.asarray(sigma, jnp.float32)
+  s2, d2 = sigma**2, sigma_data**2
+  c_skip = d2 / (s2 + d2)
+  c_out = sigma * sigma_data / jnp.sqrt(s2 + d2)
+  c_in = 1.0 / jnp.sqrt(s2 + d2)
+  c_noise = 0.25 * jnp.log(sigma)
+  return c_skip, c_out, c_in, c_noise
+
+
+def loss_weight(sigma, sigma_data: float = 0.5):
+  """w(σ) = (σ² + σ_d²) / (σ·σ_d)² (SPEC §4)."""
+  sigma = jnp.asarray(sigma, jnp.float32)
+  return (sigma**2 + sigma_data**2) / (sigma * sigma_data)**2
+
+
+def timestep_embedding(t, dim: int = 256, max_period: float = 10000.0):
+  """Sinusoidal features of c_noise: first half cos, second half sin, freq_k = exp(−ln(P)·k/half)."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = jnp.asarray(t, jnp.float32)[..., None] * freqs
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
