@@ -97,3 +97,87 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.distributed.num_processes = 0  # 0 = detect.
   c.distributed.process_id = -1  # -1 = detect.
   return c
+
+
+class ConfigError(ValueError):
+  """An impossible or unknown setting; the message names the field."""
+
+
+_CHOICES = {
+    'data.source': ('tfds', 'digits', 'npz', 'folder'),
+    'data.on_corrupt': ('error', 'skip'),
+    'model.kind': ('vit', 'dblock'),
+    'model.label_token': ('replace', 'concat'),
+    'model.compute_dtype': ('float32', 'bfloat16'),
+    'diffusion.loss_weighting': ('batch_mean', 'per_sample'),
+    'optim.schedule': ('constant_with_warmup', 'cosine_with_min_lr'),
+}
+
+
+def _get(config, dotted: str):
+  for part in dotted.split('.'):
+    config = config[part]
+  return config
+
+
+def num_blocks(config) -> int:
+  """B for a DiffusionBlocks config (1 for the baseline)."""
+  if config.model.kind != 'dblock':
+    return 1
+  return len(config.model.layers_per_block) or config.model.num_blocks
+
+
+def validate(config, *, num_devices: int | None = None) -> None:
+  """Names every impossible setting before anything is loaded or compiled (raises ConfigError)."""
+  errors = []
+  for field, allowed in _CHOICES.items():
+    if _get(config, field) not in allowed:
+      errors.append(f'config.{field}={_get(config, field)!r} is not one of {allowed}')
+  m = config.model
+  if m.hidden_size % m.num_heads:
+    errors.append(f'config.model.hidden_size={m.hidden_size} is not divisible by config.model.num_heads={m.num_heads}')
+  if m.kind == 'dblock':
+    if m.hidden_size < 6:
+      errors.append(f'config.model.hidden_size={m.hidden_size} must be >= 6 (time embedding width hidden // 6)')
+    if m.layers_per_block:
+      counts = tuple(m.layers_per_block)
+      if sum(counts) != m.num_layers or min(counts) < 1:
+        errors.append(f'config.model.layers_per_block={counts} must be positive and sum to '
+                      f'config.model.num_layers={m.num_layers}')
+    elif m.num_blocks < 1 or m.num_layers % m.num_blocks:
+      errors.append(f'config.model.num_layers={m.num_layers} is not divisible by config.model.num_blocks='
+                    f'{m.num_blocks} (set config.model.layers_per_block for an uneven partition)')
+  for field in ('train.batch_size', 'eval.batch_size', 'train.num_epochs', 'train.steps_per_call',
+                'train.log_every_steps', 'train.checkpoint_every_steps', 'train.keep_checkpoints'):
+    if _get(config, field) < 1:
+      errors.append(f'config.{field}={_get(config, field)} must be >= 1')
+  if not 0.0 <= config.diffusion.class_dropout_prob < 1.0:
+    errors.append(f'config.diffusion.class_dropout_prob={config.diffusion.class_dropout_prob} must be in [0, 1)')
+  if config.eval.num_inference_steps < 0:
+    errors.append(f'config.eval.num_inference_steps={config.eval.num_inference_steps} must be >= 0 (0 = B)')
+  if config.optim.lr <= 0:
+    errors.append(f'config.optim.lr={config.optim.lr} must be > 0')
+  if config.parallel_blocks and (m.kind != 'dblock' or not m.independent_blocks):
+    errors.append('config.parallel_blocks=True needs config.model.kind=dblock and '
+                  'config.model.independent_blocks=True')
+  if num_devices is not None:
+    data_devices = num_devices if config.mesh.data == -1 else config.mesh.data
+    if config.parallel_blocks:
+      data_devices = max(1, num_devices // num_blocks(config))
+    if data_devices < 1 or data_devices > num_devices:
+      errors.append(f'config.mesh.data={config.mesh.data} does not fit the {num_devices} available devices')
+    elif config.train.batch_size % data_devices:
+      errors.append(f'config.train.batch_size={config.train.batch_size} is not divisible by the {data_devices} '
+                    "devices on the 'data' mesh axis")
+  if errors:
+    raise ConfigError('Invalid config:\n  ' + '\n  '.join(errors))
+
+
+def validate_data(config, *, image_size: int, channels: int) -> None:
+  """Checks that need the dataset's shapes (known only after loading its metadata)."""
+  if image_size % config.model.patch_size:
+    raise ConfigError(f'image size {image_size} (from config.data) is not divisible by '
+                      f'config.model.patch_size={config.model.patch_size}')
+  for field in ('mean', 'std'):
+    if len(config.data[field]) not in (1, channels):
+      raise ConfigError(f'config.data.{field} has {len(config.data[field])} entries for {channels}-channel images')

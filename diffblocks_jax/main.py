@@ -1,0 +1,31 @@
+"""Entry point: parses flags and calls the library.
+
+  python -m diffblocks_jax.main --config=configs/cifar100_dblock.py --workdir=workdirs/run1 \
+      [--mode=train|eval] [--config.optim.lr=5e-4 ...]
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from diffblocks_jax import distributed, train
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and logs.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'Train (and resume), or evaluate a checkpoint.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  config = _CONFIG.value
+  distributed.maybe_initialize(config)
+  logging.info('Config:\n%s', config)
+  if _MODE.value == 'train':
+    train.train_and_evaluate(config, _WORKDIR.value)
+  else:
+    train.evaluate(config, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

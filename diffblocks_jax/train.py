@@ -1,0 +1,275 @@
+"""Training and evaluation loops: config → mesh → data → model/optimizer → steps → loop → checkpoints/logs.
+
+Many steps run per compiled call (`lax.scan`): batch indices, augmentation, the block draw and the update
+all happen on the device, and the host only logs, evaluates and checkpoints between calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from diffblocks_jax import checkpointing, input_pipeline, models, optim, reporting, sampler, sharding, steps
+from diffblocks_jax import config as config_lib
+
+
+@dataclasses.dataclass
+class Experiment:
+  """Everything derived from a config and its dataset, before any parameter exists."""
+  config: Any
+  mesh: jax.sharding.Mesh
+  data: input_pipeline.Dataset
+  graphdef: Any
+  abstract_state: steps.TrainState  # ShapeDtypeStructs carrying their shardings.
+  num_blocks: int
+  steps_per_epoch: int
+  total_steps: int
+  schedule: Any
+
+  def init_state(self) -> steps.TrainState:
+    """Real parameters, built directly in their shardings under jit."""
+    shardings = jax.tree.map(lambda a: a.sharding, self.abstract_state)
+    return jax.jit(self._init, out_shardings=shardings)()
+
+  def _init(self) -> steps.TrainState:
+    c, d = self.config, self.data
+    model = models.build(c.model, image_size=d.image_size, channels=d.channels, num_classes=d.num_classes,
+                         seed=c.seed)
+    return steps.init_state(models.split(model)[1], c.model.kind, c.seed)
+
+
+def build_experiment(config) -> Experiment:
+  """Validates the config, builds the mesh, loads the data and derives shapes (no parameters yet)."""
+  config_lib.validate(config, num_devices=jax.device_count())
+  data = input_pipeline.load_dataset(config.data, process_index=jax.process_index(),
+                                     process_count=jax.process_count())
+  return experiment_from_data(config, data)
+
+
+def experiment_from_data(config, data: input_pipeline.Dataset, mesh=None) -> Experiment:
+  """The experiment for an already-loaded dataset (the benchmark passes synthetic data)."""
+  config_lib.validate(config, num_devices=jax.device_count())
+  config_lib.validate_data(config, image_size=data.image_size, channels=data.channels)
+  mesh = mesh or sharding.make_mesh(config)
+  num_blocks = config_lib.num_blocks(config)
+  local_batch = config.train.batch_size // jax.process_count()
+  steps_per_epoch = len(data.train_images) // local_batch
+  if steps_per_epoch < 1:
+    raise config_lib.ConfigError(f'config.train.batch_size={config.train.batch_size} is larger than the '
+                                 f'{len(data.train_images)} training examples')
+  block_factor = num_blocks if (config.model.kind == 'dblock' and config.train.scale_epochs_by_blocks) else 1
+  total_steps = config.train.num_epochs * block_factor * steps_per_epoch
+  warmup_steps = round(config.optim.warmup_epochs * block_factor * steps_per_epoch)
+  schedule = optim.make_schedule(config.optim, total_steps, warmup_steps)
+  exp = Experiment(config, mesh, data, None, None, num_blocks, steps_per_epoch, total_steps, schedule)
+  abstract_model = nnx.eval_shape(lambda: models.build(
+      config.model, image_size=data.image_size, channels=data.channels, num_classes=data.num_classes))
+  exp.graphdef = models.split(abstract_model)[0]
+  replicated = sharding.replicated(mesh)
+  exp.abstract_state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+                                    jax.eval_shape(exp._init))
+  return exp
+
+
+def make_train_chunk(exp: Experiment):
+  """jit(state, images_u8, labels, num_steps) → (state, stacked metrics): `num_steps` steps in one call."""
+  config, mesh = exp.config, exp.mesh
+  train_step = steps.make_train_step(exp.graphdef, config, exp.schedule, exp.num_blocks)
+  batch = config.train.batch_size // jax.process_count()
+  data_key = jax.random.fold_in(jax.random.key(config.seed), 0x5eed)
+
+  def body(state, images_u8, labels):
+    # A fresh permutation per epoch, indexed by the global step: a resumed run sees the same batches.
+    n = labels.shape[0]
+    epoch, within = jnp.divmod(state.step, exp.steps_per_epoch)
+    perm = jax.random.permutation(jax.random.fold_in(data_key, epoch), n)
+    idx = jax.lax.dynamic_slice(perm, (within * batch,), (batch,))
+    aug_key = jax.random.fold_in(jax.random.fold_in(data_key, 1), state.step)
+    x = input_pipeline.augment(aug_key, images_u8[idx], config.data)
+    x = jax.lax.with_sharding_constraint(x, sharding.batch_sharding(mesh))
+    return train_step(state, x, labels[idx])
+
+  def chunk(state, images_u8, labels, num_steps):
+    return jax.lax.scan(lambda s, _: body(s, images_u8, labels), state, None, length=num_steps)
+
+  return jax.jit(chunk, static_argnums=3, donate_argnums=0)
+
+
+def make_eval_fn(exp: Experiment, **sampler_overrides):
+  """(params, key) → test logits for the whole split (padded last batch, nothing dropped)."""
+  predict = sampler.make_predict_fn(exp.graphdef, exp.config, **sampler_overrides)
+  data_config = exp.config.data
+  jitted = jax.jit(lambda p, x, k: predict(p, input_pipeline.normalize(x, data_config), k),
+                   in_shardings=(None, sharding.batch_sharding(exp.mesh), None))
+  key = jax.random.fold_in(jax.random.key(exp.config.seed), 0xe7a1)
+  return lambda params: sampler.predict_split(jitted, params, exp.data.test_images,
+                                              exp.config.eval.batch_size, key)
+
+
+def evaluate_params(exp: Experiment, params, **sampler_overrides) -> float:
+  logits = make_eval_fn(exp, **sampler_overrides)(params)
+  return sampler.accuracy(logits, exp.data.test_labels)
+
+
+def _summarise(metrics: dict[str, np.ndarray], num_blocks: int) -> dict[str, float]:
+  """Window means; per-block losses over the steps that trained each block."""
+  out = {f'train/{k}': float(np.mean(v)) for k, v in metrics.items() if k not in ('block', 'lr')}
+  out['train/lr'] = float(metrics['lr'][-1])
+  if num_blocks > 1:
+    for b in range(num_blocks):
+      chosen = metrics['block'] == b
+      if chosen.any():
+        out[f'train/loss_block{b}'] = float(np.mean(metrics['loss'][chosen]))
+  return out
+
+
+class _Preempted(Exception):
+  pass
+
+
+def _raise_preempted(signum, frame):
+  del frame
+  raise _Preempted(f'signal {signum}')
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+  """Trains (resuming from WORKDIR/checkpoints if any), evaluates, checkpoints; returns final metrics."""
+  exp = build_experiment(config)
+  lead = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if lead:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=config.train.keep_checkpoints)
+  restored = ckpt.restore(exp.abstract_state)
+  if restored is None:
+    state = exp.init_state()
+    logging.info('Starting from scratch: %d steps (%d per epoch, B=%d).', exp.total_steps,
+                 exp.steps_per_epoch, exp.num_blocks)
+  else:
+    state, start = restored
+    logging.info('Resumed from %s at step %d of %d.', ckpt.directory, start, exp.total_steps)
+  replicated = sharding.replicated(exp.mesh)
+  images = jax.device_put(exp.data.train_images, replicated)
+  labels = jax.device_put(exp.data.train_labels.astype(np.int32), replicated)
+  chunk_fn = make_train_chunk(exp)
+  eval_fn = make_eval_fn(exp)
+  writer = reporting.MetricWriter(workdir, enabled=lead)
+  progress = reporting.Progress(exp.total_steps, config.train.batch_size, exp.steps_per_epoch)
+  eval_every = max(1, round(config.train.eval_every_epochs * exp.steps_per_epoch)) \
+      if config.train.eval_every_epochs > 0 else exp.total_steps
+  step = int(state.step)
+  last_good = step
+  window: dict[str, list] = {}
+  result: dict[str, float] = {}
+  crossed = lambda every, before, after: after // every > before // every or after == exp.total_steps
+
+  def flush(pending):
+    """Host side of a finished chunk: finiteness check, window metrics, logs."""
+    nonlocal last_good
+    end, metrics = pending
+    metrics = jax.device_get(metrics)
+    if not np.all(np.isfinite(metrics['loss'])):
+      bad = end - len(metrics['loss']) + int(np.argmin(np.isfinite(metrics['loss'])))
+      raise FloatingPointError(
+          f'Non-finite loss at step {bad}; training stopped. The last good checkpoint (step '
+          f'{ckpt.latest_step()}) in {ckpt.directory} is intact. Try a lower --config.optim.lr.')
+    last_good = end
+    for k, v in metrics.items():
+      window.setdefault(k, []).append(np.asarray(v))
+    if crossed(config.train.log_every_steps, end - len(metrics['loss']), end):
+      summary = _summarise({k: np.concatenate(v) for k, v in window.items()}, exp.num_blocks)
+      summary['train/epoch'] = end / exp.steps_per_epoch
+      window.clear()
+      writer.write(end, summary)
+      result.update(summary)
+      if lead:
+        logging.info('%s', progress.line(end, summary))
+
+  def save(at_step):
+    ckpt.save(at_step, state, metadata={'epoch': at_step / exp.steps_per_epoch}, force=True)
+
+  old_handler = signal.signal(signal.SIGTERM, _raise_preempted) if lead and _main_thread() else None
+  pending = None
+  try:
+    while step < exp.total_steps:
+      n = min(config.train.steps_per_call, exp.total_steps - step)
+      state, metrics = chunk_fn(state, images, labels, n)
+      if pending is not None:
+        flush(pending)  # The previous chunk's metrics, fetched while this one runs.
+      pending, before, step = (step + n, metrics), step, step + n
+      need_ckpt = crossed(config.train.checkpoint_every_steps, before, step)
+      need_eval = crossed(eval_every, before, step)
+      if need_ckpt or need_eval:
+        flush(pending)
+        pending = None
+      if need_ckpt:
+        save(step)
+      if need_eval:
+        accuracy = sampler.accuracy(eval_fn(state.params), exp.data.test_labels)
+        writer.write(step, {'eval/accuracy': accuracy})
+        result['eval/accuracy'] = accuracy
+        if lead:
+          logging.info('step %d: test accuracy %.4f on %d images', step, accuracy, len(exp.data.test_labels))
+    if pending is not None:
+      flush(pending)
+  except (KeyboardInterrupt, _Preempted):
+    # Save where we are, if the state is known good, so the same command resumes here.
+    if pending is not None:
+      flush(pending)
+    if last_good == step and ckpt.latest_step() != step:
+      logging.warning('Interrupted at step %d: saving a checkpoint before exiting.', step)
+      try:
+        save(step)
+      except Exception as e:  # pylint: disable=broad-except
+        # The interrupt can land while the state's buffers are donated to a running call.
+        logging.warning('Could not save at interruption (%s); step %s stays the latest.', e, ckpt.latest_step())
+    raise
+  finally:
+    ckpt.close()
+    writer.close()
+    if old_handler is not None:
+      signal.signal(signal.SIGTERM, old_handler)
+  result['step'] = step
+  return result
+
+
+def _main_thread() -> bool:
+  import threading  # pylint: disable=g-import-not-at-top
+  return threading.current_thread() is threading.main_thread()
+
+
+def load_trained(config, workdir: str, step: int | None = None):
+  """(experiment, state) from WORKDIR/checkpoints: for eval mode, notebooks and tests."""
+  exp = build_experiment(config)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=config.train.keep_checkpoints)
+  try:
+    restored = ckpt.restore(exp.abstract_state, step=step or None)
+  finally:
+    ckpt.close()
+  if restored is None:
+    raise FileNotFoundError(f'No checkpoint in {os.path.join(workdir, "checkpoints")}: train first with '
+                            f'--workdir={workdir}, or import one with diffblocks_jax.import_torch.')
+  return exp, restored[0]
+
+
+def evaluate(config, workdir: str) -> dict[str, float]:
+  """--mode=eval: test accuracy of the latest (or config.eval.step) checkpoint, logged and returned."""
+  exp, state = load_trained(config, workdir, config.eval.step)
+  accuracy = evaluate_params(exp, state.params)
+  step = int(state.step)
+  logging.info('Checkpoint step %d: test accuracy %.4f on %d images.', step, accuracy,
+               len(exp.data.test_labels))
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'eval.json'), 'w') as f:
+      json.dump({'step': step, 'eval/accuracy': accuracy}, f)
+  return {'step': step, 'eval/accuracy': accuracy}
