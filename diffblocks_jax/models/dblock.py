@@ -99,7 +99,7 @@ class DiffusionBlocksViT(nnx.Module):
 
   def label_embeddings(self, block: int = 0) -> jax.Array:
     """The raw label table E (num_classes, hidden) that block `block` sees."""
-    return self.shared_parts(block).label_embed.value
+    return self.shared_parts(block).label_embed[...]
 
   def denoise(self, images: jax.Array, z_t: jax.Array, sigmas: jax.Array, block: int, *,
               key: jax.Array | None = None) -> jax.Array:
@@ -111,9 +111,9 @@ class DiffusionBlocksViT(nnx.Module):
     if self.label_token == 'replace':
       x = jnp.concatenate([label_token, x], axis=1)  # The noisy label takes the CLS slot (release).
     else:
-      cls = jnp.broadcast_to(shared.cls_token.value, label_token.shape).astype(x.dtype)
+      cls = jnp.broadcast_to(shared.cls_token[...], label_token.shape).astype(x.dtype)
       x = jnp.concatenate([cls, x, label_token], axis=1)
-    x = vit.dropout(x + shared.pos_embed.value.astype(x.dtype), self.dropout, keys())
+    x = vit.dropout(x + shared.pos_embed[...].astype(x.dtype), self.dropout, keys())
     cond = shared.condition(c_noise)
     for layer in self.blocks[block].layers:
       x = layer(x, keys, cond)

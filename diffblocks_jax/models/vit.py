@@ -133,8 +133,8 @@ class ViT(nnx.Module):
   def __call__(self, images: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
     keys = KeyStream(key)
     x = self.patch(images.astype(self.dtype))
-    cls = jnp.broadcast_to(self.cls_token.value, (x.shape[0], 1, x.shape[-1])).astype(x.dtype)
-    x = jnp.concatenate([cls, x], axis=1) + self.pos_embed.value.astype(x.dtype)
+    cls = jnp.broadcast_to(self.cls_token[...], (x.shape[0], 1, x.shape[-1])).astype(x.dtype)
+    x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...].astype(x.dtype)
     x = dropout(x, self.dropout, keys())
     for layer in self.layers:
       x = layer(x, keys)
