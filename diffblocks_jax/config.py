@@ -15,6 +15,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   d.source = 'tfds'  # 'tfds' | 'digits' (scikit-learn, offline) | 'npz' | 'folder'.
   d.name = 'cifar100'  # TFDS dataset name (any image-classification dataset with image/label features).
   d.tfds_data_dir = ''  # Folder holding prepared TFDS data ('' = TFDS default, ~/tensorflow_datasets).
+  d.tfds_download = True  # Try download_and_prepare when the data is missing (False: fail at once, offline).
+  d.split_seed = 0  # Seeds the digits 80/20 split and the folder source's training-file order.
   d.label_key = 'label'  # Feature holding the class ('label' = CIFAR-100's fine labels).
   d.train_split = 'train'
   d.test_split = 'test'
