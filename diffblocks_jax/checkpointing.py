@@ -1,0 +1,259 @@
+"""Checkpoints of the training state in WORKDIR/checkpoints: Orbax's CheckpointManager, made safe to resume.
+
+Each step directory holds three Orbax items: `state` (the arrays), `manifest` (JSON: every leaf's path,
+shape, dtype and a fingerprint of its bits) and, when given, `meta` (the caller's small JSON dict).
+
+* Keys: the state is saved as `flax.serialization.to_state_dict(state)` (dataclasses become dicts, int
+  keys like `params['blocks'][0]` become '0') and rebuilt with `from_state_dict(abstract_state, ...)`, so
+  the caller's int keys and dataclasses come back exactly.
+* Damage: Orbax writes into a temporary directory and renames it when complete, so a killed save is never
+  listed. Later damage is another matter: a truncated or missing file fails the read, but garbled bytes in
+  an uncompressed chunk restore silently; the manifest's fingerprints catch those. `restore()` without a
+  step walks back past unreadable steps (logging each) and never deletes one.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from flax import serialization
+
+PyTree = Any
+_STATE, _MANIFEST, _META = 'state', 'manifest', 'meta'
+
+
+class CheckpointError(ValueError):
+  """A named step is missing or unreadable, or the checkpoints do not fit the state asked for."""
+
+
+class _Unreadable(Exception):
+  """This step's files are damaged: the caller may fall back to an older step."""
+
+
+def _words(x: jax.Array) -> jax.Array:
+  """The array's bits as uint32 words (one per element; two for 8-byte types)."""
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  if x.dtype.itemsize == 8:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)  # Adds a trailing axis of 2.
+  return jax.lax.bitcast_convert_type(x, jnp.dtype(f'uint{8 * x.dtype.itemsize}')).astype(jnp.uint32)
+
+
+@jax.jit
+def _fingerprint(x: jax.Array) -> jax.Array:
+  """Two position-weighted sums mod 2**32 of the words. The weights are odd, so changing any one word
+  changes both sums. Integer sums are exact in any order: the same on every sharding and device count.
+  The flat index comes from iotas, not a reshape, so sharded inputs are reduced in place."""
+  w = _words(jnp.asarray(x))
+  idx, stride = jnp.zeros(w.shape, jnp.uint32), 1
+  for axis in reversed(range(w.ndim)):
+    idx = idx + jax.lax.broadcasted_iota(jnp.uint32, w.shape, axis) * jnp.uint32(stride % 2**32)
+    stride *= w.shape[axis]
+  a = jnp.sum(w * (2 * idx + 1), dtype=jnp.uint32)
+  b = jnp.sum(w * (idx * jnp.uint32(0x9E3779B9) | 1), dtype=jnp.uint32)
+  return jnp.stack([a, b])
+
+
+def _fetch(x: jax.Array) -> list[int]:
+  # Multi-process: the (replicated) result is not fully addressable, but every process holds a copy.
+  x = x if x.is_fully_addressable else x.addressable_data(0)
+  return [int(v) for v in np.asarray(x)]
+
+
+def _leaves(tree: PyTree) -> dict[str, Any]:
+  """'params/blocks/0/w' -> leaf, for a state dict (string keys only)."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {'/'.join(str(k.key) for k in path): leaf for path, leaf in flat}
+
+
+def _manifest(tree: PyTree) -> dict[str, Any]:
+  leaves = _leaves(tree)
+  prints = {k: _fingerprint(v) for k, v in leaves.items()}  # Dispatch all, then fetch.
+  return {'leaves': {k: {'shape': list(np.shape(v)), 'dtype': str(v.dtype), 'fingerprint': _fetch(prints[k])}
+                     for k, v in leaves.items()}}
+
+
+def _check_fits(manifest: dict[str, Any], target: PyTree, where: str) -> None:
+  """A structural mismatch is a config error, not damage: say so instead of trying older steps."""
+  saved, wanted = manifest['leaves'], _leaves(target)
+  problems = [f'missing from the checkpoint: {k}' for k in wanted if k not in saved]
+  problems += [f'not in this model: {k}' for k in saved if k not in wanted]
+  problems += [f'{k}: checkpoint shape {tuple(saved[k]["shape"])}, expected {tuple(wanted[k].shape)}'
+               for k in wanted if k in saved and tuple(saved[k]['shape']) != tuple(wanted[k].shape)]
+  if problems:
+    more = [f'... and {len(problems) - 20} more'] if len(problems) > 20 else []
+    raise CheckpointError(f'{where} does not fit the state to restore (wrong config?):\n  '
+                          + '\n  '.join(problems[:20] + more))
+
+
+def _verify(manifest: dict[str, Any], restored: PyTree) -> None:
+  leaves = _leaves(restored)
+  # A leaf restored into another dtype (a deliberate cast) has other bits: only same-dtype leaves compare.
+  prints = {k: _fingerprint(v) for k, v in leaves.items() if str(v.dtype) == manifest['leaves'][k]['dtype']}
+  bad = [k for k, p in prints.items() if _fetch(p) != manifest['leaves'][k]['fingerprint']]
+  if bad:
+    raise _Unreadable(f'fingerprint mismatch (damaged data) in {", ".join(bad)}')
+
+
+def _describe(e: BaseException) -> str:
+  # TensorStore errors carry kilobytes of spec JSON after the useful first sentence.
+  text = f'{type(e).__name__}: {e}'
+  return text if len(text) <= 400 else text[:400] + ' ...'
+
+
+def _everywhere(ok: bool) -> bool:
+  """True iff `ok` on every process: all must pick the same step, and the next steps are collective."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
+class Checkpointer:
+  """Keeps the last `keep` checkpoints of a training state in `directory` (None or 0: keep all)."""
+
+  def __init__(self, directory: str | os.PathLike, *, keep: int | None = 3, async_save: bool = True):
+    directory = os.fspath(directory)
+    self.directory = directory if '://' in directory else os.path.abspath(directory)  # gs:// etc. as given.
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep or None, create=True,
+                                           enable_async_checkpointing=async_save)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._unreadable: set[int] = set()  # Found damaged by restore(): a save at that step sets it aside.
+    self._closed = False
+
+  def all_steps(self) -> list[int]:
+    # Sorted here: Orbax lists in save order, and a resumed run can save below a damaged later step.
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def step_path(self, step: int) -> epath.Path:
+    return epath.Path(self.directory) / str(step)  # Orbax's default step name format.
+
+  def save(self, step: int, state: PyTree, *, metadata: dict | None = None, force: bool = False) -> bool:
+    """Saves `state` at `step` (asynchronously if so built); False if Orbax's policy skips it."""
+    if not force and not self._manager.should_save(step):
+      return False
+    self._manager.wait_until_finished()
+    if step in self._unreadable and step in self._manager.all_steps():
+      self._set_aside(step)
+    # Python and NumPy leaves as jax arrays: one dtype story for the manifest and the fingerprints.
+    tree = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x),
+                        serialization.to_state_dict(state))
+    items = {_STATE: ocp.args.StandardSave(tree), _MANIFEST: ocp.args.JsonSave(_manifest(tree))}
+    if metadata is not None:
+      items[_META] = ocp.args.JsonSave(metadata)
+    return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def _set_aside(self, step: int) -> None:
+    """Renames a damaged step out of Orbax's sight (kept for inspection) so this step can be saved."""
+    path = self.step_path(step)
+    aside = path.parent / f'{step}.unreadable-{time.strftime("%Y%m%d-%H%M%S")}'
+    if jax.process_index() == 0:
+      logging.warning('Moving the unreadable checkpoint %s to %s to save step %d again.', path, aside, step)
+      path.rename(aside)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f'checkpointing_set_aside_{step}')
+    self._unreadable.discard(step)
+    self._manager.reload()
+
+  def restore(self, abstract_state: PyTree, *, step: int | None = None) -> tuple[PyTree, int] | None:
+    """(state, step) shaped, typed and sharded like `abstract_state`; None when there is no checkpoint.
+
+    step=None: the latest readable step; damaged later ones are logged and skipped (CheckpointError if
+    none is readable). A named step that is missing or damaged: CheckpointError.
+    """
+    self.wait()
+    self._manager.reload()  # Another process (an importer, a previous run) may have written since.
+    steps = self.all_steps()
+    if step is not None:
+      if step not in steps:
+        raise self._missing(step, steps)
+      try:
+        return self._restore_step(step, abstract_state), step
+      except _Unreadable as e:
+        raise CheckpointError(f'Checkpoint {self.step_path(step)} is unreadable: {e}') from e
+    failures = []
+    for s in reversed(steps):
+      try:
+        return self._restore_step(s, abstract_state), s
+      except _Unreadable as e:
+        logging.warning('Checkpoint %s is unreadable, trying the previous one: %s', self.step_path(s), e)
+        failures.append(f'{self.step_path(s)}: {e}')
+    if failures:
+      raise CheckpointError(f'No readable checkpoint in {self.directory}:\n' + '\n'.join(failures))
+    return None
+
+  def _restore_step(self, step: int, abstract_state: PyTree) -> PyTree:
+    target = serialization.to_state_dict(abstract_state)
+    error = None
+    try:
+      manifest = self._read_json(step, _MANIFEST)
+      _check_fits(manifest, target, self.step_path(step))
+      args = ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target)})
+      restored = self._manager.restore(step, args=args)
+    except CheckpointError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      # Damage shows up as anything from KeyError (a deleted item) to JSON and TensorStore errors.
+      error = e
+    if not _everywhere(error is None):
+      self._unreadable.add(step)
+      raise _Unreadable(_describe(error) if error else 'unreadable on another process')
+    try:
+      _verify(manifest, restored[_STATE])
+    except _Unreadable:
+      self._unreadable.add(step)
+      raise
+    return serialization.from_state_dict(abstract_state, restored[_STATE])
+
+  def metadata(self, step: int | None = None) -> dict | None:
+    """The `metadata` saved with `step` (default: the latest); None if none was, or no checkpoint."""
+    self.wait()
+    steps = self.all_steps()
+    if step is None and not steps:
+      return None
+    step = steps[-1] if step is None else step
+    if step not in steps:
+      raise self._missing(step, steps)
+    if not (self.step_path(step) / _META).exists():
+      return None
+    try:
+      return dict(self._read_json(step, _META))
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f'Metadata of {self.step_path(step)} is unreadable: {_describe(e)}') from e
+
+  def _read_json(self, step: int, item: str) -> Any:
+    return self._manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
+
+  def _missing(self, step: int, steps: list[int]) -> CheckpointError:
+    return CheckpointError(f'No checkpoint for step {step} in {self.directory}; available steps: {steps}')
+
+  def wait(self) -> None:
+    """Blocks until pending asynchronous saves are on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending saves, then releases Orbax's threads. Safe to call twice."""
+    if not self._closed:
+      self._closed = True
+      self._manager.close()
+
+  def __enter__(self) -> Checkpointer:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
