@@ -91,14 +91,18 @@ def route_static(sigma: float, num_blocks: int, edm: EDM = DEFAULT_EDM) -> int:
 
 
 def sample_training_sigmas(key: jax.Array, batch_size: int, num_blocks: int, overlap: float = 0.05,
-                           edm: EDM = DEFAULT_EDM):
+                           edm: EDM = DEFAULT_EDM, *, bucket_index: int | None = None):
   """One uniform bucket for the batch, then truncated log-normal σ in its widened range (SPEC §5.1-5.4).
 
   Returns (sigmas (batch,), block) where block = B−1−mode(bucket(σ)), an int32 scalar for `lax.switch`.
+  `bucket_index` fixes the bucket instead of drawing it (block-parallel training, benchmarks).
   """
   bucket_key, u_key = jax.random.split(key)
   ranges = jnp.asarray(edm.cdf(widened_ranges(num_blocks, overlap, edm)), jnp.float32)
-  k = jax.random.randint(bucket_key, (), 0, num_blocks)
+  if bucket_index is None:
+    k = jax.random.randint(bucket_key, (), 0, num_blocks)
+  else:
+    k = jnp.asarray(bucket_index, jnp.int32)
   u = jax.random.uniform(u_key, (batch_size,), minval=ranges[k, 0], maxval=ranges[k, 1])
   sigmas = jnp.exp(edm.p_mean + edm.p_std * jax.scipy.special.ndtri(u))
   sigmas = jnp.clip(sigmas, edm.sigma_min, edm.sigma_max)

@@ -105,45 +105,58 @@ def dblock_loss(model, images, labels, sigmas, noise, block: int, config, dropou
   return jnp.mean(w) * jnp.mean(ce), ce.mean()  # What the release computes, through a broadcast.
 
 
-def make_dblock_step(graphdef, config, schedule, num_blocks: int):
-  """One DiffusionBlocks step; the block index is drawn on the device and dispatched by `lax.switch`."""
+def block_update(graphdef, config, schedule, block: int):
+  """The update of one block (a Python int): grads of the shared parts and that block only."""
+
+  def update(state: TrainState, images, labels, sigmas, noise, dropout_key):
+    def loss_fn(trainable):
+      model = nnx.merge(graphdef, _put_back(state.params, trainable, block))
+      return dblock_loss(model, images, labels, sigmas, noise, block, config, dropout_key)
+
+    trainable = _trainable(state.params, block)
+    (loss, ce), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    grads, grad_norm = optim.clip_by_global_norm(grads, config.optim.grad_clip)
+    lr = schedule(state.step)
+    groups = _trainable(state.opt_state, block)
+    new_params, new_groups = {}, {}
+    for name in trainable:
+      new_params[name], new_groups[name] = optim.adamw(trainable[name], grads[name], groups[name], lr,
+                                                       config.optim)
+    state = state.replace(params=_put_back(state.params, new_params, block),
+                          opt_state=_put_back(state.opt_state, new_groups, block))
+    return state, dict(loss=loss, ce=ce, grad_norm=grad_norm, lr=lr)
+
+  return update
+
+
+def make_dblock_step(graphdef, config, schedule, num_blocks: int, *, block: int | None = None):
+  """One DiffusionBlocks step; the block index is drawn on the device and dispatched by `lax.switch`.
+
+  With `block` given, the step always trains that block on its own noise range (no switch): the
+  block-parallel mode and the benchmark's per-block rows use it.
+  """
   edm = diffusion.EDM.from_config(config.diffusion)
-
-  def branch(block: int):
-    def update(state: TrainState, images, labels, sigmas, noise, dropout_key):
-      def loss_fn(trainable):
-        model = nnx.merge(graphdef, _put_back(state.params, trainable, block))
-        return dblock_loss(model, images, labels, sigmas, noise, block, config, dropout_key)
-
-      trainable = _trainable(state.params, block)
-      (loss, ce), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-      grads, grad_norm = optim.clip_by_global_norm(grads, config.optim.grad_clip)
-      lr = schedule(state.step)
-      groups = _trainable(state.opt_state, block)
-      new_params, new_groups = {}, {}
-      for name in trainable:
-        new_params[name], new_groups[name] = optim.adamw(trainable[name], grads[name], groups[name], lr,
-                                                         config.optim)
-      state = state.replace(params=_put_back(state.params, new_params, block),
-                            opt_state=_put_back(state.opt_state, new_groups, block))
-      return state, dict(loss=loss, ce=ce, grad_norm=grad_norm, lr=lr)
-    return update
-
-  branches = [branch(b) for b in range(num_blocks)]
+  branches = [block_update(graphdef, config, schedule, b) for b in range(num_blocks)]
+  fixed_bucket = None if block is None else num_blocks - 1 - block
 
   def train_step(state: TrainState, images: jax.Array, labels: jax.Array):
     sigma_key, noise_key, cfg_key, dropout_key = step_keys(state, 4)
-    sigmas, block = diffusion.sample_training_sigmas(sigma_key, images.shape[0], num_blocks,
-                                                     config.diffusion.overlap, edm)
+    sigmas, chosen = diffusion.sample_training_sigmas(sigma_key, images.shape[0], num_blocks,
+                                                      config.diffusion.overlap, edm, bucket_index=fixed_bucket)
     noise = jax.random.normal(noise_key, (images.shape[0], config.model.hidden_size), jnp.float32)
     images = drop_class(cfg_key, images, config.diffusion.class_dropout_prob)
-    state, metrics = jax.lax.switch(block, branches, state, images, labels, sigmas, noise, dropout_key)
-    return state.replace(step=state.step + 1), dict(metrics, block=block)
+    args = (state, images, labels, sigmas, noise, dropout_key)
+    if block is None:
+      state, metrics = jax.lax.switch(chosen, branches, *args)
+    else:
+      state, metrics = branches[block](*args)
+      chosen = jnp.asarray(block, jnp.int32)
+    return state.replace(step=state.step + 1), dict(metrics, block=chosen)
 
   return train_step
 
 
-def make_train_step(graphdef, config, schedule, num_blocks: int = 1):
+def make_train_step(graphdef, config, schedule, num_blocks: int = 1, *, block: int | None = None):
   if config.model.kind == 'vit':
     return make_vit_step(graphdef, config, schedule)
-  return make_dblock_step(graphdef, config, schedule, num_blocks)
+  return make_dblock_step(graphdef, config, schedule, num_blocks, block=block)

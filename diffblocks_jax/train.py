@@ -80,10 +80,13 @@ def experiment_from_data(config, data: input_pipeline.Dataset, mesh=None) -> Exp
   return exp
 
 
-def make_train_chunk(exp: Experiment):
-  """jit(state, images_u8, labels, num_steps) → (state, stacked metrics): `num_steps` steps in one call."""
+def make_train_chunk(exp: Experiment, *, block: int | None = None):
+  """jit(state, images_u8, labels, num_steps) → (state, stacked metrics): `num_steps` steps in one call.
+
+  `block` fixes the trained block (block-parallel mode, benchmark); None draws it every step.
+  """
   config, mesh = exp.config, exp.mesh
-  train_step = steps.make_train_step(exp.graphdef, config, exp.schedule, exp.num_blocks)
+  train_step = steps.make_train_step(exp.graphdef, config, exp.schedule, exp.num_blocks, block=block)
   batch = config.train.batch_size // jax.process_count()
   data_key = jax.random.fold_in(jax.random.key(config.seed), 0x5eed)
 
