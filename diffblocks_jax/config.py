@@ -183,3 +183,27 @@ def validate_data(config, *, image_size: int, channels: int) -> None:
   for field in ('mean', 'std'):
     if len(config.data[field]) not in (1, channels):
       raise ConfigError(f'config.data.{field} has {len(config.data[field])} entries for {channels}-channel images')
+
+
+def load_file(path: str) -> ml_collections.ConfigDict:
+  """`get_config()` of a config file; 'file.py:arg' passes `arg`, as `--config=file.py:arg` does."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path, _, arg = str(path).partition(':')
+  spec = importlib.util.spec_from_file_location(f'_config_{abs(hash(path))}', path)
+  if spec is None:
+    raise ConfigError(f'config file {path!r} cannot be loaded')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def load_workdir(workdir: str) -> ml_collections.ConfigDict:
+  """The resolved config a run saved in WORKDIR/config.json (for evaluation and notebooks)."""
+  import json, os  # pylint: disable=g-import-not-at-top,multiple-imports
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} does not exist: is {workdir!r} the workdir of a training run?')
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  # JSON turns tuples into lists; the code treats both alike, but keep the defaults' types for overrides.
+  return config
