@@ -17,14 +17,19 @@ def digits_base(kind: str):
   config.data.pad_crop = 1  # An 8x8 image tolerates a 1-pixel shift, not 4.
   config.data.flip = False  # Mirrored digits are other digits.
   config.model.kind = kind
-  config.model.patch_size = 2  # 16 patches.
+  config.model.patch_size = 2  # 16 patches (patch 1 trained far worse in a 50-epoch trial: 59 %).
   config.model.hidden_size = 64
   config.model.num_layers = 6
   config.model.num_heads = 4
   config.model.mlp_dim = 128
+  config.model.dropout = 0.0  # 1,437 training images: short runs gain nothing from dropout.
+  config.model.attention_dropout = 0.0
   config.model.num_blocks = 3
+  config.optim.lr = 2e-3
+  config.optim.schedule = 'cosine_with_min_lr'  # Decays to 0 (optim.min_lr).
+  config.optim.warmup_epochs = 2.0
   config.train.batch_size = 64
-  config.train.num_epochs = 40  # x B = 120 epochs for DiffusionBlocks.
+  config.train.num_epochs = 150
   config.train.steps_per_call = 22  # One epoch (1437 // 64 = 22 steps) per compiled call.
   config.train.log_every_steps = 110
   config.train.checkpoint_every_steps = 440

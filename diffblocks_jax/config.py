@@ -143,9 +143,9 @@ def validate(config, *, num_devices: int | None = None) -> None:
       errors.append(f'config.model.hidden_size={m.hidden_size} must be >= 6 (time embedding width hidden // 6)')
     if m.layers_per_block:
       counts = tuple(m.layers_per_block)
-      if sum(counts) != m.num_layers or min(counts) < 1:
-        errors.append(f'config.model.layers_per_block={counts} must be positive and sum to '
-                      f'config.model.num_layers={m.num_layers}')
+      if len(counts) != m.num_blocks or sum(counts) != m.num_layers or min(counts) < 1:
+        errors.append(f'config.model.layers_per_block={counts} must have config.model.num_blocks='
+                      f'{m.num_blocks} positive entries summing to config.model.num_layers={m.num_layers}')
     elif m.num_blocks < 1 or m.num_layers % m.num_blocks:
       errors.append(f'config.model.num_layers={m.num_layers} is not divisible by config.model.num_blocks='
                     f'{m.num_blocks} (set config.model.layers_per_block for an uneven partition)')
