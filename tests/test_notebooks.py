@@ -1,0 +1,146 @@
+"""The notebooks, executed headless against freshly trained tiny workdirs and a tiny benchmark JSON.
+
+Every cell must run without error and the figures must render (`image/png` outputs). One test does all the
+work, so that `pytest -n 2` does not train the workdirs twice; the benchmark runs in a subprocess alongside
+the training and the first notebooks. The committed notebooks must carry no outputs.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from diffblocks_jax import reporting
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOKS = {name: os.path.join(ROOT, 'notebooks', f'{name}.ipynb') for name in ('evaluate', 'training_curves')}
+HAS_BENCH = os.path.exists(os.path.join(ROOT, 'diffblocks_jax', 'bench.py'))
+CELL_TIMEOUT_S = 300
+# At this size a CPU spends its time compiling; cheaper LLVM settings roughly halve that (numerics don't matter).
+FAST_ENV = {'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '2',
+            'XLA_FLAGS': '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'}
+
+# Both tiny runs in one process (one JAX start-up). Fewer, larger steps than testing.py's defaults: the same
+# compiled functions, fewer host round trips; an evaluation every half epoch gives the curves several points.
+TRAIN_SCRIPT = '''
+import sys
+from diffblocks_jax import config as config_lib, train
+for kind, workdir in zip(('dblock', 'vit'), sys.argv[1:]):
+  config = config_lib.load_file('configs/testing.py:' + kind)
+  config.data.source = 'digits'
+  config.data.mean, config.data.std = (0.3,), (0.4,)
+  config.model.patch_size = 2
+  config.train.num_epochs = 1
+  config.train.batch_size = 64
+  config.train.steps_per_call = config.train.log_every_steps = 11
+  config.train.checkpoint_every_steps = 10**6  # Only the final checkpoint.
+  config.train.eval_every_epochs = 0.5
+  config.eval.batch_size = 120
+  train.train_and_evaluate(config, workdir)
+'''
+
+
+def with_cache(env: dict[str, str], cache_dir: str) -> dict[str, str]:
+  """One persistent XLA cache for training and the kernels: the notebooks' evaluation at the run's own
+  settings finds what training's evaluation compiled. (Not for the benchmark: it times compiles.)"""
+  return {**env, 'JAX_COMPILATION_CACHE_DIR': cache_dir, 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+          'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
+
+
+def check_process(args, log_path, env, *, timeout, proc=None):
+  """Runs (or waits for) a subprocess; on failure, raises with the tail of its log."""
+  if proc is None:
+    with open(log_path, 'w') as log:
+      rc = subprocess.run(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                          timeout=timeout).returncode
+  else:
+    rc = proc.wait(timeout=timeout)
+  if rc:
+    with open(log_path) as f:
+      raise AssertionError(f'{" ".join(args)} exited with {rc}:\n{f.read()[-4000:]}')
+
+
+def execute(name: str, env: dict[str, str], **extra) -> nbformat.NotebookNode:
+  """Runs every cell in a fresh kernel (cwd = repository root); raises CellExecutionError on any error."""
+  nb = nbformat.read(NOTEBOOKS[name], as_version=4)
+  client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name='python3',
+                          resources={'metadata': {'path': ROOT}})
+  client.execute(env={**env, **extra})
+  return nb
+
+
+def outputs(nb):
+  return [o for cell in nb.cells if cell.cell_type == 'code' for o in cell.outputs]
+
+
+def num_figures(nb) -> int:
+  return sum('image/png' in o.get('data', {}) for o in outputs(nb))
+
+
+def text(nb) -> str:
+  return '\n'.join(o.get('text', '') or o.get('data', {}).get('text/plain', '') for o in outputs(nb))
+
+
+def test_notebooks_execute_and_draw(tmp_path):
+  bench_env = {**os.environ, **FAST_ENV}
+  env = with_cache(bench_env, str(tmp_path / 'xla_cache'))
+  dblock, vit = str(tmp_path / 'dblock'), str(tmp_path / 'vit')
+  bench_json, bench_log = str(tmp_path / 'bench.json'), str(tmp_path / 'bench.log')
+  bench_args = [sys.executable, '-m', 'diffblocks_jax.bench', '--suite=tiny', f'--json={bench_json}',
+                '--windows=1', '--steps_per_window=1']
+  bench = None
+  if HAS_BENCH:
+    with open(bench_log, 'w') as log:
+      bench = subprocess.Popen(bench_args, cwd=ROOT, env=bench_env, stdout=log, stderr=subprocess.STDOUT)
+  try:
+    check_process([sys.executable, '-c', TRAIN_SCRIPT, dblock, vit], str(tmp_path / 'train.log'), env, timeout=600)
+    for workdir in (dblock, vit):
+      assert any('eval/accuracy' in r for r in reporting.read_metrics(workdir)), workdir
+
+    # evaluate.ipynb on DiffusionBlocks: step sweep, guidance sweep, per-class, confusion, trajectory.
+    nb = execute('evaluate', env, DIFFBLOCKS_WORKDIR=dblock)
+    assert num_figures(nb) >= 5, text(nb)
+    # The notebook scores the split exactly as training's last evaluation did.
+    logged = [r['eval/accuracy'] for r in reporting.read_metrics(dblock) if 'eval/accuracy' in r][-1]
+    shown = re.search(r'Test accuracy: ([0-9.]+) on (\d+) images', text(nb))
+    assert shown, text(nb)
+    assert abs(float(shown.group(1)) - logged) <= 1 / int(shown.group(2)), (shown.group(0), logged)
+    assert re.search(r'N=8: [0-9.]+', text(nb)) and re.search(r's=3.0: [0-9.]+', text(nb)), text(nb)
+
+    # evaluate.ipynb on the baseline: the diffusion-only cells say why they do nothing.
+    nb = execute('evaluate', env, DIFFBLOCKS_WORKDIR=vit)
+    assert num_figures(nb) >= 2, text(nb)  # Per-class accuracy and confusion matrix.
+    assert text(nb).count('Baseline ViT:') == 3, text(nb)
+
+    if bench is not None:
+      check_process(bench_args, bench_log, bench_env, timeout=600, proc=bench)
+      with open(bench_json) as f:
+        assert json.load(f), 'the benchmark wrote no records'
+    nb = execute('training_curves', env, DIFFBLOCKS_WORKDIRS=f'{vit},{dblock}',
+                 DIFFBLOCKS_BENCH_JSON=bench_json if HAS_BENCH else str(tmp_path / 'absent.json'))
+  finally:
+    if bench is not None and bench.poll() is None:
+      bench.kill()
+      bench.wait()
+  assert 'final test accuracy' in text(nb), text(nb)
+  if HAS_BENCH:
+    assert num_figures(nb) >= 3, text(nb)  # Curves, throughput, memory.
+  else:
+    assert num_figures(nb) >= 1 and 'charts are skipped' in text(nb), text(nb)
+    pytest.skip('diffblocks_jax/bench.py does not exist: the benchmark charts were not exercised '
+                '(everything else passed)')
+
+
+@pytest.mark.parametrize('name', sorted(NOTEBOOKS))
+def test_committed_notebooks_have_no_outputs(name):
+  nb = nbformat.read(NOTEBOOKS[name], as_version=4)
+  nbformat.validate(nb)
+  for cell in nb.cells:
+    if cell.cell_type == 'code':
+      assert cell.outputs == [] and cell.execution_count is None, (name, cell.source[:80])
+      assert 'execution' not in cell.metadata, (name, cell.source[:80])
