@@ -1,0 +1,84 @@
+"""The benchmark in CI-sized form, and the memory claim of DiffusionBlocks from XLA's compiled analysis.
+
+No timing is asserted: CPU timings say nothing about an accelerator. Compiling dominates on a CPU, so the
+runs here lower the LLVM optimisation level; that changes generated code, not buffer assignment, so the
+memory figures are the ones a default compile gives.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from diffblocks_jax import bench, sharding, train
+
+FAST_COMPILE = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
+FAST_XLA_FLAGS = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
+
+RECORD_FIELDS = {
+    'config', 'note', 'variant', 'phase', 'model_kind', 'block', 'dtype', 'batch', 'image_size', 'channels',
+    'num_classes', 'hidden_size', 'num_layers', 'num_heads', 'mlp_dim', 'patch_size', 'num_blocks',
+    'randaugment', 'num_params', 'ms_per_step', 'img_per_s', 'window_s', 'windows', 'steps_per_window',
+    'compile_s', 'temp_bytes', 'argument_bytes', 'output_bytes', 'alias_bytes', 'generated_code_bytes',
+    'runtime_peak_bytes', 'runtime_peak_isolated', 'device_kind', 'backend', 'jax_version',
+}
+TINY_ROWS = ['baseline', 'dblock_mix', 'dblock_block0', 'dblock_block1', 'eval_baseline', 'eval_dblock']
+
+
+def check_records(records: list[dict]) -> None:
+  assert [r['variant'] for r in records] == TINY_ROWS
+  for r in records:
+    assert set(r) == RECORD_FIELDS, set(r) ^ RECORD_FIELDS
+    assert math.isfinite(r['img_per_s']) and r['img_per_s'] > 0  # Ran and was timed; no speed asserted.
+    assert len(r['window_s']) == r['windows']
+    assert r['temp_bytes'] > 0 and r['argument_bytes'] > 0 and r['output_bytes'] > 0
+    assert r['jax_version'] == jax.__version__ and r['dtype'] == 'float32'
+    if r['backend'] == 'cpu':
+      assert r['runtime_peak_bytes'] is None
+  train_rows = [r for r in records if r['phase'] == 'train']
+  assert [r['block'] for r in train_rows] == [None, 'mix', 0, 1]
+  assert all(r['alias_bytes'] > 0 for r in train_rows)  # The state is donated.
+
+
+def test_tiny_suite_python_entry():
+  records = bench.run(bench.tiny_suite(), windows=1, steps_per_window=1, compiler_options=FAST_COMPILE)
+  check_records(records)
+  table = bench.format_table(records)
+  assert all(row in table for row in TINY_ROWS)
+
+
+def test_tiny_suite_command_line(tmp_path):
+  out = tmp_path / 'bench.json'
+  env = dict(os.environ, XLA_FLAGS=f'{os.environ.get("XLA_FLAGS", "")} {FAST_XLA_FLAGS}', JAX_PLATFORMS='cpu')
+  result = subprocess.run(
+      [sys.executable, '-m', 'diffblocks_jax.bench', '--suite=tiny', f'--json={out}', '--windows=1',
+       '--steps_per_window=1'], env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'dblock_block1' in result.stdout
+  check_records(json.loads(out.read_text()))
+
+
+def _step_temp(kind: str, num_blocks: int = 1) -> int:
+  """Compiled temporary bytes of one training step of a model whose activations dominate its state."""
+  config = bench.suite_config('float32', batch=64, hidden_size=32, num_heads=2, num_layers=6, mlp_dim=128,
+                         patch_size=2, num_blocks=num_blocks)  # 16x16 images: 64 tokens + 1.
+  setting = bench.Setting('memory', config, 16, 3, 10)
+  config = bench.variant_config(config, kind=kind)
+  exp = train.experiment_from_data(config, bench.synthetic_data(setting),
+                                   mesh=sharding.make_mesh(config, jax.local_devices()[:1]))
+  return bench.step_memory(exp, compiler_options=FAST_COMPILE)['temp_bytes']
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='figures checked on the CPU compiler')
+def test_block_step_needs_a_fraction_of_the_baseline_temp_memory():
+  baseline = _step_temp('vit')
+  dblock = {b: _step_temp('dblock', b) for b in (2, 3, 6)}
+  # The real (switch) step: activations and gradients exist for one block of L/B layers (SPEC §1).
+  assert dblock[3] <= 0.5 * baseline, (dblock, baseline)
+  assert baseline > dblock[2] > dblock[3] > dblock[6], (dblock, baseline)
