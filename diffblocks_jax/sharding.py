@@ -1,17 +1,74 @@
-"""Device mesh and shardings: parameters replicated, batches split on the 'data' axis."""
+"""Device meshes and placement: parameters replicated, batches and the training split sharded on 'data'.
+
+Data parallel: a 1-D mesh ('data',). Block-parallel (`config.parallel_blocks`): a 2-D mesh ('block', 'data'),
+row b being the devices of block b's group. Devices are ordered process-major on every mesh, so the devices
+of one process are contiguous on 'data' and each process's rows of a sharded array form one block.
+
+The training split lives on the devices as one global uint8 array whose rows are the processes' shards one
+after another (each padded to a multiple of that process's devices on the mesh), sharded on 'data': a device
+holds rows/devices of it, and no process ever needs another's data. A step draws global row indices and
+`gather_rows` assembles the batch: each device gathers the rows it holds (zeros elsewhere) and one
+reduce-scatter of the batch (not of the split) leaves every device its slice, already sharded on 'data'.
+The batches are thus the same for any number of processes and devices.
+"""
 
 from __future__ import annotations
 
+import collections
+from typing import Any
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from diffblocks_jax import config as config_lib
+
+
+class MeshError(config_lib.ConfigError):
+  """The devices cannot be arranged as the config asks; the message names the field."""
+
+
+def _by_process(devices) -> list[list[jax.Device]]:
+  """Devices grouped by process (in process order), each group sorted by id."""
+  groups = collections.defaultdict(list)
+  for d in devices:
+    groups[d.process_index].append(d)
+  return [sorted(groups[p], key=lambda d: d.id) for p in sorted(groups)]
+
 
 def make_mesh(config, devices=None) -> Mesh:
-  """A 1-D mesh ('data',) over `config.mesh.data` devices (-1 = all)."""
-  devices = list(jax.devices() if devices is None else devices)
-  n = len(devices) if config.mesh.data == -1 else config.mesh.data
-  return Mesh(np.asarray(devices[:n]), ('data',))
+  """('data',) over `config.mesh.data` devices (-1 = all), or ('block', 'data') for block-parallel training.
+
+  Every process contributes the same number of devices (a process without devices on the mesh could not
+  contribute its data shard).
+  """
+  per_process = _by_process(jax.devices() if devices is None else devices)
+  local = min(len(ds) for ds in per_process)
+  if config.parallel_blocks:
+    return block_mesh(per_process, config_lib.num_blocks(config))
+  n = local * len(per_process) if config.mesh.data == -1 else config.mesh.data
+  if n % len(per_process) or n // len(per_process) > local or n < 1:
+    raise MeshError(f'config.mesh.data={config.mesh.data} cannot be split evenly over the {len(per_process)} '
+                    f'processes ({local} devices each)')
+  return Mesh(np.asarray([d for ds in per_process for d in ds[:n // len(per_process)]]), ('data',))
+
+
+def block_mesh(per_process: list[list[jax.Device]], num_blocks: int) -> Mesh:
+  """('block', 'data'): each process gives every block an equal share of its devices, so every group spans
+  all processes (and so sees all the data) and moving blocks between groups stays within processes."""
+  local = min(len(ds) for ds in per_process)
+  per_group = local // num_blocks
+  if per_group < 1:
+    raise MeshError(f'config.parallel_blocks=True needs at least B={num_blocks} devices per process; '
+                    f'this process has {local}')
+  rows = [[d for ds in per_process for d in ds[b * per_group:(b + 1) * per_group]] for b in range(num_blocks)]
+  return Mesh(np.asarray(rows), ('block', 'data'))
+
+
+def group_meshes(mesh: Mesh) -> list[Mesh]:
+  """The 1-D ('data',) mesh of each row of a ('block', 'data') mesh."""
+  return [Mesh(row, ('data',)) for row in mesh.devices]
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -19,5 +76,85 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) dimension split over 'data'."""
-  return NamedSharding(mesh, P('data'))
+  """Leading (batch) dimension split over every mesh axis ('data', or all groups' devices for evaluation)."""
+  return NamedSharding(mesh, P(mesh.axis_names))
+
+
+# ------------------------------------------------------------------------------------- the training split
+
+def local_devices_on(mesh: Mesh) -> int:
+  return sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+
+
+def padded_rows(mesh: Mesh, num_local: int) -> int:
+  """Rows each process places on the mesh: its shard, padded to a multiple of its devices there."""
+  per_device = -(-num_local // local_devices_on(mesh))
+  return per_device * local_devices_on(mesh)
+
+
+def put_rows(mesh: Mesh, local: np.ndarray) -> jax.Array:
+  """This process's rows (its equal shard of a split) as one global array sharded on 'data' (see above).
+
+  Padding rows are zeros and never drawn: `global_rows` maps example indices around them.
+  """
+  pad = padded_rows(mesh, len(local)) - len(local)
+  if pad:
+    local = np.concatenate([local, np.zeros((pad,) + local.shape[1:], local.dtype)])
+  return jax.make_array_from_process_local_data(NamedSharding(mesh, P('data')), local)
+
+
+def global_rows(index: jax.Array, num_local: int, num_padded: int) -> jax.Array:
+  """Row of example `index` (in the concatenation of the equal process shards) in the padded layout."""
+  return (index // num_local) * num_padded + index % num_local
+
+
+def gather_rows(mesh: Mesh, arrays: tuple[jax.Array, ...], rows: jax.Array) -> tuple[jax.Array, ...]:
+  """arrays[rows] for `arrays` row-sharded on a ('data',) mesh and replicated `rows`; results sharded on 'data'.
+
+  Inside a jitted function. Costs one reduce-scatter of the gathered batch: XLA's own partitioning of
+  such a gather may instead all-gather the whole split, which is why it is spelled out here.
+  """
+
+  def local_gather(*args):
+    *shards, rows = args
+    per_device = shards[0].shape[0]
+    local = rows - jax.lax.axis_index('data') * per_device
+    here = (local >= 0) & (local < per_device)
+    local = jnp.clip(local, 0, per_device - 1)
+    out = []
+    for x in shards:
+      mask = here.reshape((-1,) + (1,) * (x.ndim - 1))
+      # Exactly one device holds each row, so the sum over devices is that row, bit for bit.
+      picked = jnp.where(mask, x[local], jnp.zeros((), x.dtype))
+      out.append(jax.lax.psum_scatter(picked, 'data', scatter_dimension=0, tiled=True))
+    return tuple(out)
+
+  specs = tuple(P('data') for _ in arrays)
+  return jax.shard_map(local_gather, mesh=mesh, in_specs=specs + (P(),), out_specs=specs)(*arrays, rows)
+
+
+# -------------------------------------------------------------------------------- moving between groups
+
+def copy_replicated(x: jax.Array, target: NamedSharding) -> jax.Array:
+  """A fully replicated array copied onto another set of devices, replicated there.
+
+  Each process copies its own replica to its devices of `target`: multi-controller JAX cannot reshard
+  between different device sets across processes, and every process holds a replica of a block here
+  because every group spans all processes (`block_mesh`).
+  """
+  if x.sharding == target:
+    return x
+  if not x.is_fully_replicated:
+    raise ValueError(f'copy_replicated needs a fully replicated array, got {x.sharding}')
+  source = x.addressable_shards[0].data
+  pieces = [jax.device_put(source, d) for d in target.addressable_devices]
+  return jax.make_array_from_single_device_arrays(x.shape, target, pieces)
+
+
+def bytes_per_device(tree: Any) -> dict[jax.Device, int]:
+  """Bytes each (addressable) device holds of a pytree of arrays, counted from the arrays' shards."""
+  total = collections.Counter()
+  for leaf in jax.tree.leaves(tree):
+    for shard in leaf.addressable_shards:
+      total[shard.device] += shard.data.nbytes
+  return dict(total)

@@ -7,6 +7,7 @@ all happen on the device, and the host only logs, evaluates and checkpoints betw
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -66,7 +67,10 @@ def experiment_from_data(config, data: input_pipeline.Dataset, mesh=None) -> Exp
   if steps_per_epoch < 1:
     raise config_lib.ConfigError(f'config.train.batch_size={config.train.batch_size} is larger than the '
                                  f'{len(data.train_images)} training examples')
-  block_factor = num_blocks if (config.model.kind == 'dblock' and config.train.scale_epochs_by_blocks) else 1
+  # Block-parallel training updates every block each step: num_epochs of steps already give each block the
+  # updates that B·num_epochs sequential epochs give it on average (SPEC §5.7).
+  block_factor = num_blocks if (config.model.kind == 'dblock' and config.train.scale_epochs_by_blocks
+                                and not config.parallel_blocks) else 1
   total_steps = config.train.num_epochs * block_factor * steps_per_epoch
   warmup_steps = round(config.optim.warmup_epochs * block_factor * steps_per_epoch)
   schedule = optim.make_schedule(config.optim, total_steps, warmup_steps)
@@ -77,45 +81,81 @@ def experiment_from_data(config, data: input_pipeline.Dataset, mesh=None) -> Exp
   replicated = sharding.replicated(mesh)
   exp.abstract_state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
                                     jax.eval_shape(exp._init))
+  if config.parallel_blocks:  # Each block's state on its own device group.
+    from diffblocks_jax import parallel_blocks  # pylint: disable=g-import-not-at-top  (it imports this module)
+    return parallel_blocks.place_blocks(exp)
   return exp
 
 
-def make_train_chunk(exp: Experiment, *, block: int | None = None):
+def put_train_split(exp: Experiment):
+  """(images, labels): this process's training shard as global arrays, rows sharded on 'data' (sharding.py)."""
+  if exp.config.parallel_blocks:
+    from diffblocks_jax import parallel_blocks  # pylint: disable=g-import-not-at-top
+    return parallel_blocks.put_train_split(exp)
+  return (sharding.put_rows(exp.mesh, exp.data.train_images),
+          sharding.put_rows(exp.mesh, exp.data.train_labels.astype(np.int32)))
+
+
+def make_train_chunk(exp: Experiment, *, block: int | None = None, train_step=None):
   """jit(state, images_u8, labels, num_steps) → (state, stacked metrics): `num_steps` steps in one call.
 
-  `block` fixes the trained block (block-parallel mode, benchmark); None draws it every step.
+  `images_u8, labels` come from `put_train_split`. `block` fixes the trained block (block-parallel mode,
+  benchmark); None draws it every step. `train_step` replaces the step built from the config.
   """
   config, mesh = exp.config, exp.mesh
-  train_step = steps.make_train_step(exp.graphdef, config, exp.schedule, exp.num_blocks, block=block)
-  batch = config.train.batch_size // jax.process_count()
+  if config.parallel_blocks and block is None:
+    from diffblocks_jax import parallel_blocks  # pylint: disable=g-import-not-at-top
+    return parallel_blocks.make_train_chunk(exp)
+  train_step = train_step or steps.make_train_step(exp.graphdef, config, exp.schedule, exp.num_blocks,
+                                                   block=block)
+  batch = config.train.batch_size
+  num_local = len(exp.data.train_labels)
+  num_padded = sharding.padded_rows(mesh, num_local)
   data_key = jax.random.fold_in(jax.random.key(config.seed), 0x5eed)
+  if config.parallel_blocks:
+    data_key = jax.random.fold_in(data_key, block)  # Each block its own data order.
 
   def body(state, images_u8, labels):
-    # A fresh permutation per epoch, indexed by the global step: a resumed run sees the same batches.
-    n = labels.shape[0]
+    # A fresh permutation per epoch of the processes' shards together, indexed by the global step: a resumed
+    # run sees the same batches, and so does a run on any number of processes and devices.
     epoch, within = jnp.divmod(state.step, exp.steps_per_epoch)
-    perm = jax.random.permutation(jax.random.fold_in(data_key, epoch), n)
+    perm = jax.random.permutation(jax.random.fold_in(data_key, epoch), jax.process_count() * num_local)
     idx = jax.lax.dynamic_slice(perm, (within * batch,), (batch,))
+    rows = sharding.global_rows(idx, num_local, num_padded)
+    images_b, labels_b = sharding.gather_rows(mesh, (images_u8, labels), rows)
     aug_key = jax.random.fold_in(jax.random.fold_in(data_key, 1), state.step)
-    x = input_pipeline.augment(aug_key, images_u8[idx], config.data)
+    x = input_pipeline.augment(aug_key, images_b, config.data)
     x = jax.lax.with_sharding_constraint(x, sharding.batch_sharding(mesh))
-    return train_step(state, x, labels[idx])
+    return train_step(state, x, labels_b)
 
   def chunk(state, images_u8, labels, num_steps):
     return jax.lax.scan(lambda s, _: body(s, images_u8, labels), state, None, length=num_steps)
 
-  return jax.jit(chunk, static_argnums=3, donate_argnums=0)
+  state_shardings = jax.tree.map(lambda a: a.sharding, exp.abstract_state)
+  rows = sharding.batch_sharding(mesh)
+  return jax.jit(chunk, static_argnums=3, donate_argnums=0, in_shardings=(state_shardings, rows, rows),
+                 out_shardings=(state_shardings, sharding.replicated(mesh)))
 
 
 def make_eval_fn(exp: Experiment, **sampler_overrides):
   """(params, key) → test logits for the whole split (padded last batch, nothing dropped)."""
   predict = sampler.make_predict_fn(exp.graphdef, exp.config, **sampler_overrides)
   data_config = exp.config.data
+  batches = sharding.batch_sharding(exp.mesh)
+  # Logits replicated: every process can read them (multi-host) and score the split.
   jitted = jax.jit(lambda p, x, k: predict(p, input_pipeline.normalize(x, data_config), k),
-                   in_shardings=(None, sharding.batch_sharding(exp.mesh), None))
+                   in_shardings=(None, batches, None), out_shardings=sharding.replicated(exp.mesh))
+  # Every process holds the whole test split: each places its devices' rows of a batch.
+  to_global = lambda batch: jax.make_array_from_callback(batch.shape, batches, lambda index: batch[index])
+  # Rounded up to a multiple of the devices (predict_split pads the batches, so nothing is scored twice).
+  batch_size = -(-exp.config.eval.batch_size // exp.mesh.size) * exp.mesh.size
+  gather = lambda params: params
+  if exp.config.parallel_blocks:
+    from diffblocks_jax import parallel_blocks  # pylint: disable=g-import-not-at-top
+    gather = functools.partial(parallel_blocks.gather_params, exp)
   key = jax.random.fold_in(jax.random.key(exp.config.seed), 0xe7a1)
-  return lambda params: sampler.predict_split(jitted, params, exp.data.test_images,
-                                              exp.config.eval.batch_size, key)
+  return lambda params: sampler.predict_split(jitted, gather(params), exp.data.test_images, batch_size, key,
+                                              preprocess=to_global)
 
 
 def evaluate_params(exp: Experiment, params, **sampler_overrides) -> float:
@@ -161,9 +201,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   else:
     state, start = restored
     logging.info('Resumed from %s at step %d of %d.', ckpt.directory, start, exp.total_steps)
-  replicated = sharding.replicated(exp.mesh)
-  images = jax.device_put(exp.data.train_images, replicated)
-  labels = jax.device_put(exp.data.train_labels.astype(np.int32), replicated)
+  images, labels = put_train_split(exp)
   chunk_fn = make_train_chunk(exp)
   eval_fn = make_eval_fn(exp)
   writer = reporting.MetricWriter(workdir, enabled=lead)

@@ -1,0 +1,138 @@
+"""End to end: the real CIFAR-100 configs under TFDS mock data, the CLI, resume, eval, and bad inputs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from diffblocks_jax import checkpointing, reporting, train
+from diffblocks_jax import config as config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cifar_config(name: str, **train_overrides):
+  """The real CIFAR-100 config at its full model size, cut to a few steps on 16 mock images."""
+  config = config_lib.load_file(os.path.join(ROOT, 'configs', name))
+  config.train.batch_size = 8
+  config.train.num_epochs = 1
+  config.train.steps_per_call = 2
+  config.train.log_every_steps = 2
+  config.train.checkpoint_every_steps = 2
+  config.train.eval_every_epochs = 0.0
+  config.eval.batch_size = 8
+  for k, v in train_overrides.items():
+    config.train[k] = v
+  return config
+
+
+def checkpoint_steps(workdir):
+  return checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints')).all_steps()
+
+
+@pytest.mark.parametrize('name', ['cifar100_dblock.py', 'cifar100_vit.py'])
+def test_cifar100_train_eval_resume_under_mock_data(tmp_path, name):
+  workdir = str(tmp_path)
+  with tfds.testing.mock_data(num_examples=16):
+    result = train.train_and_evaluate(cifar_config(name), workdir)
+    blocks = 3 if 'dblock' in name else 1
+    assert result['step'] == 2 * blocks  # 16 // 8 steps per epoch, one epoch (x B for DiffusionBlocks).
+    assert 0.0 <= result['eval/accuracy'] <= 1.0
+    assert checkpoint_steps(workdir)[-1] == 2 * blocks
+    # The same command with more epochs resumes from the last checkpoint instead of restarting.
+    result = train.train_and_evaluate(cifar_config(name, num_epochs=2), workdir)
+    assert result['step'] == 4 * blocks
+    records = reporting.read_metrics(workdir)
+    logged = [r['step'] for r in records if 'train/loss' in r]
+    assert logged == sorted(set(logged)) and logged[-1] == 4 * blocks  # No step trained twice.
+    assert all(np.isfinite(r['train/loss']) for r in records if 'train/loss' in r)
+    if blocks > 1:
+      assert any(k.startswith('train/loss_block') for r in records for k in r)
+    evaluated = train.evaluate(cifar_config(name), workdir)
+  assert evaluated['step'] == 4 * blocks
+  assert evaluated['eval/accuracy'] == pytest.approx(result['eval/accuracy'])
+  assert json.load(open(os.path.join(workdir, 'config.json')))['model']['kind'] == ('dblock' if blocks > 1 else 'vit')
+  assert os.listdir(os.path.join(workdir, 'tensorboard'))
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  workdir = str(tmp_path)
+  config = config_lib.load_file(os.path.join(ROOT, 'configs', 'testing.py:vit'))
+  config.data.source = 'digits'
+  config.data.mean, config.data.std = (0.3,), (0.4,)
+  config.train.num_epochs = 1
+  config.train.checkpoint_every_steps = 100
+  train.train_and_evaluate(config, workdir)
+  good = checkpoint_steps(workdir)
+  assert good
+  config.train.num_epochs = 2
+  config.optim.lr = 1e30  # One update blows the weights up; the next forward overflows to NaN.
+  with pytest.raises(FloatingPointError, match='Non-finite loss'):
+    train.train_and_evaluate(config, workdir)
+  assert checkpoint_steps(workdir) == good
+
+
+def test_config_errors_name_the_field():
+  config = config_lib.load_file(os.path.join(ROOT, 'configs', 'cifar100_dblock.py'))
+  config.model.num_layers = 10
+  with pytest.raises(config_lib.ConfigError, match='config.model.num_layers=10'):
+    config_lib.validate(config, num_devices=1)
+  config = config_lib.load_file(os.path.join(ROOT, 'configs', 'cifar100_dblock.py'))
+  config.model.patch_size = 5
+  with pytest.raises(config_lib.ConfigError, match='config.model.patch_size=5'):
+    config_lib.validate_data(config, image_size=32, channels=3)
+  config = config_lib.load_file(os.path.join(ROOT, 'configs', 'cifar100_dblock.py'))
+  config.train.batch_size = 6
+  with pytest.raises(config_lib.ConfigError, match='config.train.batch_size=6'):
+    config_lib.validate(config, num_devices=4)
+  config.model.kind = 'resnet'
+  with pytest.raises(config_lib.ConfigError, match="config.model.kind='resnet'"):
+    config_lib.validate(config, num_devices=1)
+
+
+def run_cli(*args, timeout=300):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
+  return subprocess.run([sys.executable, '-m', 'diffblocks_jax.main', *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_rejects_unknown_override_before_running(tmp_path):
+  proc = run_cli('--config=configs/digits_dblock.py', f'--workdir={tmp_path}', '--config.optim.lrr=5e-4')
+  assert proc.returncode != 0
+  assert 'lrr' in proc.stderr
+  assert not os.path.exists(os.path.join(tmp_path, 'checkpoints'))
+
+
+def test_cli_missing_tfds_data_says_what_to_do(tmp_path):
+  proc = run_cli('--config=configs/cifar100_dblock.py', f'--workdir={tmp_path / "w"}',
+                 f'--config.data.tfds_data_dir={tmp_path / "empty"}', '--config.data.tfds_download=False')
+  assert proc.returncode != 0
+  assert 'tfds_data_dir' in proc.stderr and 'digits' in proc.stderr
+  assert not os.path.exists(os.path.join(tmp_path, 'w', 'checkpoints'))
+
+
+def test_cli_corrupt_latest_checkpoint_falls_back_and_loses_nothing(tmp_path):
+  workdir = str(tmp_path)
+  flags = ['--config=configs/testing.py:dblock', f'--workdir={workdir}', '--config.data.source=digits',
+           '--config.data.mean=(0.3,)', '--config.data.std=(0.4,)', '--config.model.patch_size=2',
+           '--config.train.checkpoint_every_steps=60']
+  proc = run_cli(*flags)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  steps = checkpoint_steps(workdir)
+  assert len(steps) >= 2
+  latest = os.path.join(workdir, 'checkpoints', str(steps[-1]))
+  for dirpath, _, files in os.walk(latest):
+    for f in files:
+      if os.path.getsize(os.path.join(dirpath, f)) > 512:
+        with open(os.path.join(dirpath, f), 'r+b') as fh:
+          fh.truncate(64)
+  proc = run_cli(*flags, '--mode=eval')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'unreadable' in proc.stderr and str(latest) in proc.stderr
+  assert json.load(open(os.path.join(workdir, 'eval.json')))['step'] == steps[-2]
+  assert os.path.isdir(latest)  # Reported, never deleted.

@@ -1,0 +1,136 @@
+"""Block-parallel training (parallel_blocks.py): B=3 blocks on 3 fake CPU devices, one block per device.
+
+The 3-device run is this file as a script in a subprocess (the device count is fixed before JAX starts);
+the step-level check runs in the test process on its single device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+FAST_COMPILE = '--xla_backend_optimization_level=0'  # Compile time dominates tiny runs on a CPU.
+TIMEOUT_S = 150
+
+
+def parallel_config(data_path: str = ''):
+  sys.path.insert(0, str(ROOT))
+  from configs import testing  # pylint: disable=g-import-not-at-top
+  config = testing.get_config('dblock')
+  config.model.num_layers = config.model.num_blocks = 3
+  config.model.independent_blocks = True
+  config.parallel_blocks = True
+  config.data.source, config.data.path = 'npz', data_path
+  config.data.pad_crop, config.data.flip = 0, False
+  return config
+
+
+# ------------------------------------------------------------------------------------------ in the subprocess
+
+def parallel_worker(workdir: str, out: str) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  from diffblocks_jax import checkpointing, sharding, train  # pylint: disable=g-import-not-at-top
+  assert jax.device_count() == 3, jax.devices()
+  rng = np.random.default_rng(0)
+  data = os.path.join(workdir, 'data.npz')
+  os.makedirs(workdir, exist_ok=True)
+  np.savez(data, x_train=rng.integers(0, 256, (48, 8, 8, 3), dtype=np.uint8), y_train=rng.integers(0, 5, 48),
+           x_test=rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8), y_test=rng.integers(0, 5, 20))
+  config = parallel_config(data)
+  result = train.train_and_evaluate(config, os.path.join(workdir, 'run'))
+
+  # Restored with the per-block placement: block b on device b only, and the same model as trained.
+  exp, state = train.load_trained(config, os.path.join(workdir, 'run'))
+  report = {'result': result, 'step': int(state.step), 'total_steps': exp.total_steps,
+            'steps_per_epoch': exp.steps_per_epoch,
+            'restored_accuracy': train.evaluate_params(exp, state.params)}
+  report['block_devices'] = [
+      sorted({d.id for leaf in jax.tree.leaves((state.params['blocks'][b], state.opt_state['blocks'][b]))
+              for d in leaf.devices()}) for b in range(3)]
+  report['block_bytes'] = [sum(leaf.nbytes for leaf in jax.tree.leaves(
+      (state.params['blocks'][b], state.opt_state['blocks'][b]))) for b in range(3)]
+  held = sharding.bytes_per_device((state.params, state.opt_state))
+  report['device_bytes'] = {d.id: n for d, n in held.items()}
+
+  # A save/restore round trip keeps the values and the per-block shardings.
+  with checkpointing.Checkpointer(os.path.join(workdir, 'again')) as ckpt:
+    ckpt.save(int(state.step), state, force=True)
+    ckpt.wait()
+    again, _ = ckpt.restore(exp.abstract_state)
+  same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b)) and a.sharding == b.sharding),
+                      state, again)
+  report['round_trip_equal'] = all(jax.tree.leaves(same))
+  with open(out, 'w') as f:
+    json.dump(report, f)
+
+
+# ---------------------------------------------------------------------------------------------------- tests
+
+def test_three_blocks_on_three_devices(tmp_path):
+  out = tmp_path / 'report.json'
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count=3 {FAST_COMPILE}', JAX_PLATFORMS='cpu')
+  try:
+    proc = subprocess.run([sys.executable, __file__, 'parallel', str(tmp_path), str(out)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
+  except subprocess.TimeoutExpired as e:  # subprocess.run kills the child before raising.
+    pytest.fail(f'timed out after {TIMEOUT_S} s:\n{e.stderr}')
+  assert proc.returncode == 0, proc.stderr[-6000:]
+  r = json.loads(out.read_text())
+  # Each block trains num_epochs * steps_per_epoch steps (not x B): every step trains all three.
+  assert r['step'] == r['total_steps'] == r['steps_per_epoch'] == r['result']['step'] == 6
+  assert 0.0 <= r['result']['eval/accuracy'] <= 1.0
+  assert r['restored_accuracy'] == pytest.approx(r['result']['eval/accuracy'])
+  for b in range(3):
+    assert np.isfinite(r['result'][f'train/loss_block{b}'])
+  # Block b lives on device b alone; each device holds exactly its block: 1/B of all blocks' state.
+  assert r['block_devices'] == [[0], [1], [2]]
+  total = sum(r['block_bytes'])
+  assert {int(d): n for d, n in r['device_bytes'].items()} == {b: r['block_bytes'][b] for b in range(3)}
+  assert all(n == pytest.approx(total / 3, rel=0.01) for n in r['device_bytes'].values())
+  assert r['round_trip_equal']
+
+
+def test_own_block_step_matches_whole_model_step(tiny_config, tiny_model, tiny_batch, jitter_params):
+  """On a state holding block b only, the step updates b exactly as the whole-model step (rng folded by b)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from diffblocks_jax import optim, parallel_blocks, steps  # pylint: disable=g-import-not-at-top
+  config = tiny_config(model__independent_blocks=True)
+  _, graphdef, params = tiny_model(config)
+  state = steps.init_state(jitter_params(params), 'dblock', seed=0)
+  schedule = optim.make_schedule(config.optim, 10, 0)
+  images, labels = tiny_batch(8)
+  block = 1
+  step = steps.make_train_step(graphdef, config, schedule, 3, block=block)
+  folded = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state.rng), block))
+  want, want_metrics = jax.jit(step)(state.replace(rng=folded), images, labels)
+  own = parallel_blocks.own_block_step(step, jax.eval_shape(lambda: state), block)
+  part = parallel_blocks._block_state(state, block, state.step, state.rng)  # pylint: disable=protected-access
+  got, got_metrics = jax.jit(own)(part, images, labels)
+  assert set(got.params['blocks']) == {block} and int(got.step) == 1
+  np.testing.assert_array_equal(got.rng, state.rng)  # The state's own rng is unchanged.
+  chex_close = lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+  jax.tree.map(chex_close, got.params['blocks'][block], want.params['blocks'][block])
+  jax.tree.map(chex_close, got.opt_state['blocks'][block], want.opt_state['blocks'][block])
+  chex_close(got_metrics['loss'], want_metrics['loss'])
+
+
+def test_too_few_devices_is_named():
+  from diffblocks_jax import sharding  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  config = parallel_config()
+  config.model.num_layers = config.model.num_blocks = jax.device_count() + 1
+  with pytest.raises(sharding.MeshError, match='config.parallel_blocks'):
+    sharding.make_mesh(config)
+
+
+if __name__ == '__main__':
+  if sys.argv[1] != 'parallel':
+    raise SystemExit(f'unknown mode {sys.argv[1]!r}')
+  parallel_worker(sys.argv[2], sys.argv[3])
