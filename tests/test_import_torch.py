@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 from scipy import special
 
-from configs import testing
+
 from diffblocks_jax import config as config_lib
 from diffblocks_jax import import_torch, models
 
@@ -66,7 +66,7 @@ def release_state_dict(kind, seed=0, zeros=False, **dims):
 
 
 def small_config(kind, layers_per_block=(), independent=False):
-  c = testing.get_config(kind)
+  c = config_lib.load_file(os.path.join(REPO, 'configs', f'testing.py:{kind}'))
   c.model.update(hidden_size=HIDDEN, num_heads=HEADS, num_layers=LAYERS, mlp_dim=MLP, patch_size=PATCH,
                  num_blocks=2, layers_per_block=layers_per_block, independent_blocks=independent)
   return c
