@@ -9,12 +9,17 @@ horizontal flip + RandAugment (2 ops, magnitude 9).
 from diffblocks_jax import config as config_lib
 
 
-def get_config():
+def paper_recipe(kind: str):
+  """The paper's CIFAR-100 training recipe, shared by both paper configs."""
   config = config_lib.get_base_config()
-  config.model.kind = 'vit'
+  config.model.kind = kind
   config.optim.lr = 5e-4
   config.optim.schedule = 'cosine_with_min_lr'
   config.optim.min_lr = 5e-5
   config.optim.warmup_epochs = 10.0  # Scaled by B with the epochs (train.scale_epochs_by_blocks).
   config.data.randaugment = True
   return config
+
+
+def get_config():
+  return paper_recipe('vit')
