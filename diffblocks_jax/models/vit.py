@@ -41,7 +41,10 @@ def dense(din: int, dout: int, dtype, rngs: nnx.Rngs, *, zero: bool = False) -> 
 
 
 def layer_norm(dim: int, eps: float, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
-  return nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, rngs=rngs)
+  # Always fp32, whatever the compute dtype: normalising in bf16 cost the digits baseline 3 points
+  # (95.8 % vs 98.9 % fp32); with fp32 norms bf16 reaches 98.6 %.
+  del dtype
+  return nnx.LayerNorm(dim, epsilon=eps, dtype=jnp.float32, rngs=rngs)
 
 
 class PatchEmbed(nnx.Module):
