@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import signal
+import threading
 from typing import Any
 
 import jax
@@ -285,7 +286,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
 
 def _main_thread() -> bool:
-  import threading  # pylint: disable=g-import-not-at-top
   return threading.current_thread() is threading.main_thread()
 
 
