@@ -16,11 +16,10 @@ from diffblocks_jax import config as config_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-# digits_dblock measured 93.1 % (335/360) on the development machine, but neighbouring settings gave 87-92 %:
-# the issue's 93 % is met by one image, so CI checks 90 % rather than hang the whole suite on float rounding
-# of another CPU. The README reports the measured figure.
+# Measured on the development machine: digits_vit 98.9 %; digits_dblock 98.9 % (seeds 1 and 2: 96.1 %, 96.7 %;
+# split_seed 1: 97.5 %), so the issue's targets hold with margin for another CPU's float rounding.
 @pytest.mark.slow
-@pytest.mark.parametrize('name, target', [('digits_vit.py', 0.95), ('digits_dblock.py', 0.90)])
+@pytest.mark.parametrize('name, target', [('digits_vit.py', 0.95), ('digits_dblock.py', 0.93)])
 def test_digits_config_reaches_target_accuracy(tmp_path, name, target):
   """The shipped digits configs, unchanged, through the same library code as the CLI."""
   config = config_lib.load_file(os.path.join(ROOT, 'configs', name))

@@ -102,20 +102,22 @@ def test_notebooks_execute_and_draw(tmp_path):
     for workdir in (dblock, vit):
       assert any('eval/accuracy' in r for r in reporting.read_metrics(workdir)), workdir
 
-    # evaluate.ipynb on DiffusionBlocks: step sweep, guidance sweep, per-class, confusion, trajectory.
+    # evaluate.ipynb on DiffusionBlocks: step sweep, guidance sweep, per-class, confusion, trajectory, blocks
+    # across noise levels.
     nb = execute('evaluate', env, DIFFBLOCKS_WORKDIR=dblock)
-    assert num_figures(nb) >= 5, text(nb)
+    assert num_figures(nb) >= 6, text(nb)
     # The notebook scores the split exactly as training's last evaluation did.
     logged = [r['eval/accuracy'] for r in reporting.read_metrics(dblock) if 'eval/accuracy' in r][-1]
     shown = re.search(r'Test accuracy: ([0-9.]+) on (\d+) images', text(nb))
     assert shown, text(nb)
     assert abs(float(shown.group(1)) - logged) <= 1 / int(shown.group(2)), (shown.group(0), logged)
     assert re.search(r'N=8: [0-9.]+', text(nb)) and re.search(r's=3.0: [0-9.]+', text(nb)), text(nb)
+    assert re.search(r'block 1: σ=0.002: [0-9.]+, ', text(nb)), text(nb)
 
     # evaluate.ipynb on the baseline: the diffusion-only cells say why they do nothing.
     nb = execute('evaluate', env, DIFFBLOCKS_WORKDIR=vit)
     assert num_figures(nb) >= 2, text(nb)  # Per-class accuracy and confusion matrix.
-    assert text(nb).count('Baseline ViT:') == 3, text(nb)
+    assert text(nb).count('Baseline ViT:') == 4, text(nb)
 
     if bench is not None:
       check_process(bench_args, bench_log, bench_env, timeout=600, proc=bench)
