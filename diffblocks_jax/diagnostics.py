@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from scipy import special
 
 from diffblocks_jax import diffusion, input_pipeline
 

@@ -1,7 +1,6 @@
 """Classifier-free guidance end to end (SPEC §7): training with class dropout, evaluation with cfg_scale."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from diffblocks_jax import optim, sampler, steps
