@@ -20,7 +20,8 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from diffblocks_jax import checkpointing, input_pipeline, models, optim, reporting, sampler, sharding, steps
+from diffblocks_jax import checkpointing, diagnostics, diffusion, input_pipeline, models, optim, reporting, sampler
+from diffblocks_jax import sharding, steps
 from diffblocks_jax import config as config_lib
 
 
@@ -199,6 +200,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     state = exp.init_state()
     logging.info('Starting from scratch: %d steps (%d per epoch, B=%d).', exp.total_steps,
                  exp.steps_per_epoch, exp.num_blocks)
+    if config.model.kind == 'dblock':  # Where each block trains vs. where the sampler calls it (README).
+      for line in diagnostics.noise_plan(exp.num_blocks, config.eval.num_inference_steps or exp.num_blocks,
+                                         diffusion.EDM.from_config(config.diffusion), config.diffusion.overlap):
+        logging.info('%s', line)
   else:
     state, start = restored
     logging.info('Resumed from %s at step %d of %d.', ckpt.directory, start, exp.total_steps)

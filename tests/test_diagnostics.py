@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -78,3 +80,34 @@ def test_block_accuracy_rejects_a_baseline_and_mismatched_labels(setup, tiny_con
   with pytest.raises(ValueError, match='labels'):
     diagnostics.block_accuracy_by_sigma(graphdef, params, config, images, np.zeros(3, np.int32), [1.0],
                                         jax.random.key(0))
+
+
+SPEC_RANGES = [(0.392048, 80.0), (0.170584, 0.531832), (0.002, 0.224933)]
+
+
+@pytest.mark.parametrize('p_mean', [-1.2, 0.5])
+def test_noise_plan_agrees_with_the_training_sampler_and_the_sampler_schedule(p_mean):
+  edm = diffusion.EDM(p_mean=p_mean)
+  lines = diagnostics.noise_plan(NUM_BLOCKS, NUM_BLOCKS, edm)
+  assert len(lines) == NUM_BLOCKS
+  steps = diffusion.inference_sigmas(NUM_BLOCKS, edm)
+  for block, line in enumerate(lines):
+    match = re.fullmatch(r'block (\d): trained on σ in \[(\S+), (\S+)\], median (\S+), (\S+) % above σ = 10; '
+                         r'sampler calls it at σ = (\S+)', line)
+    assert match and int(match.group(1)) == block, line
+    sigmas, _ = diffusion.sample_training_sigmas(jax.random.key(7), 200_000, NUM_BLOCKS, 0.05, edm,
+                                                 bucket_index=NUM_BLOCKS - 1 - block)
+    sigmas = np.asarray(sigmas, np.float64)
+    lo, hi = float(match.group(2)), float(match.group(3))
+    assert lo * (1 - 5e-3) <= sigmas.min() and sigmas.max() <= hi * (1 + 5e-3), (line, sigmas.min(), sigmas.max())
+    if p_mean == -1.2:  # SPEC §5.2's widened ranges, block 0 = the highest bucket.
+      np.testing.assert_allclose([lo, hi], SPEC_RANGES[block], rtol=5e-3)
+    np.testing.assert_allclose(float(match.group(4)), np.median(sigmas), rtol=1e-2)
+    assert abs(float(match.group(5)) - 100 * np.mean(sigmas > 10)) < 0.3
+    # N = B: each block is called once, at the sampler's σ of its own rank.
+    np.testing.assert_allclose(float(match.group(6)), steps[block], rtol=5e-3)
+
+
+def test_noise_plan_names_a_block_the_sampler_skips():
+  lines = diagnostics.noise_plan(3, 2)  # Two steps, σ = 80 and 0.002: block 1 is never called.
+  assert lines[1].endswith('sampler calls it at σ = (never)'), lines
