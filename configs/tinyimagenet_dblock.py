@@ -5,6 +5,10 @@ The data come from disk in Tiny-ImageNet's own layout (train/<wnid>/images/*.JPE
 
   python -m diffblocks_jax.main --config=configs/tinyimagenet_dblock.py --workdir=workdirs/tin_dblock \
       --config.data.path=/data/tiny-imagenet-200
+
+Augmentation as in the release's data module: RandomResizedCrop(64) (scale 0.08-1, ratio 3/4-4/3, bilinear)
+and a horizontal flip; test images unchanged (its Resize(64) + CenterCrop(64) is the identity at 64 px).
+The release's Tiny-ImageNet LR schedule is not known here: the default (constant, no warm-up) is kept.
 """
 
 from diffblocks_jax import config as config_lib
@@ -16,6 +20,8 @@ def get_config():
   config.data.path = ''  # Set on the command line: the tiny-imagenet-200 folder.
   config.data.mean = (0.485, 0.456, 0.406)  # ImageNet statistics.
   config.data.std = (0.229, 0.224, 0.225)
+  config.data.pad_crop = 0
+  config.data.random_resized_crop = True
   config.model.kind = 'dblock'
   config.model.hidden_size = 768
   config.model.num_heads = 12

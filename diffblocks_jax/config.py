@@ -25,6 +25,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   d.mean = (0.5071, 0.4867, 0.4408)  # Per-channel normalisation (CIFAR-100 statistics).
   d.std = (0.2675, 0.2565, 0.2761)
   d.pad_crop = 4  # Random crop with this much zero padding (0 = off).
+  d.random_resized_crop = False  # torchvision RandomResizedCrop to the image size instead (release: Tiny-ImageNet).
+  d.resized_crop_scale = (0.08, 1.0)  # Its range of box area / image area.
+  d.resized_crop_ratio = (3 / 4, 4 / 3)  # Its range of box width / height (drawn log-uniformly).
   d.flip = True  # Random horizontal flip, p = 0.5.
   d.randaugment = False  # torchvision RandAugment on the device (paper recipe).
   d.randaugment_num_ops = 2
@@ -157,6 +160,17 @@ def validate(config, *, num_devices: int | None = None) -> None:
     errors.append(f'config.diffusion.class_dropout_prob={config.diffusion.class_dropout_prob} must be in [0, 1)')
   if config.eval.num_inference_steps < 0:
     errors.append(f'config.eval.num_inference_steps={config.eval.num_inference_steps} must be >= 0 (0 = B)')
+  d = config.data
+  if d.get('random_resized_crop', False):
+    if d.pad_crop:
+      errors.append(f'config.data.random_resized_crop=True and config.data.pad_crop={d.pad_crop}: choose one '
+                    '(set config.data.pad_crop=0)')
+    lo, hi = tuple(d.resized_crop_scale)
+    if not 0 < lo <= hi <= 1:
+      errors.append(f'config.data.resized_crop_scale={tuple(d.resized_crop_scale)} must satisfy 0 < lo <= hi <= 1')
+    lo, hi = tuple(d.resized_crop_ratio)
+    if not 0 < lo <= hi:
+      errors.append(f'config.data.resized_crop_ratio={tuple(d.resized_crop_ratio)} must satisfy 0 < lo <= hi')
   if config.optim.lr <= 0:
     errors.append(f'config.optim.lr={config.optim.lr} must be > 0')
   if config.parallel_blocks and (m.kind != 'dblock' or not m.independent_blocks):

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffblocks_jax import crops
+
 SOURCES = ('tfds', 'digits', 'npz', 'folder')
 _NPZ_KEYS = ('x_train', 'y_train', 'x_test', 'y_test')
 _TFDS_CHUNK = 1024  # Examples per batched read from a TFDS data source.
@@ -276,14 +278,18 @@ def _load_folder(data_config, shard) -> Dataset:
 # ------------------------------------------------------------------------------------------- augmentation
 
 def augment(key: jax.Array, images_uint8: jax.Array, data_config) -> jax.Array:
-  """Random crop (zero padding), horizontal flip, optional RandAugment, then normalisation; jittable.
+  """Random crop (zero padding, or resized as torchvision's RandomResizedCrop), horizontal flip, optional
+  RandAugment, then normalisation; jittable. Each image draws its own crop, flip and RandAugment ops.
 
-  Each image draws its own crop offset, flip and RandAugment ops. Returns float32 NHWC.
+  Returns float32 NHWC. The order is the release's: crop, flip, RandAugment, normalise.
   """
   crop_key, flip_key, randaugment_key = jax.random.split(key, 3)
   images = images_uint8
-  if data_config.pad_crop:
-    images = _random_crop(crop_key, images, data_config.pad_crop)
+  if data_config.get('random_resized_crop', False):
+    images = crops.random_resized_crop(crop_key, images, tuple(data_config.resized_crop_scale),
+                                       tuple(data_config.resized_crop_ratio))
+  elif data_config.pad_crop:
+    images = crops.random_pad_crop(crop_key, images, data_config.pad_crop)
   if data_config.flip:
     flip = jax.random.bernoulli(flip_key, 0.5, (images.shape[0], 1, 1, 1))
     images = jnp.where(flip, images[:, :, ::-1], images)
@@ -292,15 +298,6 @@ def augment(key: jax.Array, images_uint8: jax.Array, data_config) -> jax.Array:
     images = randaugment.randaugment(randaugment_key, images, num_ops=data_config.randaugment_num_ops,
                                      magnitude=data_config.randaugment_magnitude)
   return normalize(images, data_config)
-
-
-def _random_crop(key: jax.Array, images: jax.Array, pad: int) -> jax.Array:
-  """torchvision's RandomCrop(size, padding=pad): zero-pad, then crop at an offset in [0, 2 * pad]."""
-  n, height, width, channels = images.shape
-  padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  offsets = jax.random.randint(key, (n, 2), 0, 2 * pad + 1)
-  crop = lambda image, offset: jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (height, width, channels))
-  return jax.vmap(crop)(padded, offsets)
 
 
 def normalize(images_uint8: jax.Array, data_config) -> jax.Array:

@@ -135,3 +135,33 @@ def test_cli_corrupt_latest_checkpoint_falls_back_and_loses_nothing(tmp_path):
   assert 'unreadable' in proc.stderr and str(latest) in proc.stderr
   assert json.load(open(os.path.join(workdir, 'eval.json')))['step'] == steps[-2]
   assert os.path.isdir(latest)  # Reported, never deleted.
+
+
+def test_tinyimagenet_config_trains_from_a_folder_in_its_layout(tmp_path):
+  """The Tiny-ImageNet config's data side as shipped (folder layout, RandomResizedCrop, flip, ImageNet
+  statistics); the model cut to a CPU size, which is not what this test is about."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  root = tmp_path / 'tiny-imagenet-200'
+  wnids = ('n01443537', 'n01629819')
+  for wnid in wnids:
+    for i in range(4):
+      path = root / 'train' / wnid / 'images' / f'{wnid}_{i}.JPEG'
+      path.parent.mkdir(parents=True, exist_ok=True)
+      Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
+  (root / 'val' / 'images').mkdir(parents=True)
+  lines = []
+  for i, wnid in enumerate(wnids * 2):
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(root / 'val' / 'images' / f'val_{i}.JPEG')
+    lines.append(f'val_{i}.JPEG\t{wnid}\t0\t0\t63\t63')
+  (root / 'val' / 'val_annotations.txt').write_text('\n'.join(lines) + '\n')
+
+  config = config_lib.load_file(os.path.join(ROOT, 'configs', 'tinyimagenet_dblock.py'))
+  assert config.data.random_resized_crop and not config.data.pad_crop and config.data.flip
+  config.data.path = str(root)
+  config.model.update(hidden_size=24, num_heads=2, num_layers=2, mlp_dim=32, patch_size=16)
+  config.train.update(batch_size=4, num_epochs=1, steps_per_call=2, log_every_steps=2, checkpoint_every_steps=4,
+                      eval_every_epochs=0.0)
+  config.eval.batch_size = 4
+  result = train.train_and_evaluate(config, str(tmp_path / 'workdir'))
+  assert result['step'] == 4 and 0.0 <= result['eval/accuracy'] <= 1.0  # 8 images / 4 = 2 steps x B=2.
