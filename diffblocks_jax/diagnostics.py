@@ -92,3 +92,9 @@ def noise_plan(num_blocks: int, num_steps: int, edm: diffusion.EDM = diffusion.D
     lines.append(f'block {block}: trained on σ in [{lo:.3g}, {hi:.3g}], median {median:.3g}, '
                  f'{100 * above:.1f} % above σ = 10; sampler calls it at σ = {", ".join(called) or "(never)"}')
   return lines
+
+
+def noise_plan_for(config, num_blocks: int) -> list[str]:
+  """`noise_plan` with a config's noise settings and sampler steps."""
+  return noise_plan(num_blocks, config.eval.num_inference_steps or num_blocks,
+                    diffusion.EDM.from_config(config.diffusion), config.diffusion.overlap)

@@ -11,6 +11,7 @@ import os
 import time
 
 from absl import logging
+import numpy as np
 
 
 def format_duration(seconds: float) -> str:
@@ -52,6 +53,18 @@ class MetricWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+def summarise(metrics: dict[str, np.ndarray], num_blocks: int) -> dict[str, float]:
+  """Window means; per-block losses over the steps that trained each block."""
+  out = {f'train/{k}': float(np.mean(v)) for k, v in metrics.items() if k not in ('block', 'lr')}
+  out['train/lr'] = float(metrics['lr'][-1])
+  if num_blocks > 1:
+    for b in range(num_blocks):
+      chosen = metrics['block'] == b
+      if chosen.any():
+        out[f'train/loss_block{b}'] = float(np.mean(metrics['loss'][chosen]))
+  return out
 
 
 def read_metrics(workdir: str) -> list[dict]:

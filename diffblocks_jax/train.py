@@ -20,8 +20,8 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from diffblocks_jax import checkpointing, diagnostics, diffusion, input_pipeline, models, optim, reporting, sampler
-from diffblocks_jax import sharding, steps
+from diffblocks_jax import checkpointing, diagnostics, input_pipeline, models, optim, reporting, sampler, sharding
+from diffblocks_jax import steps
 from diffblocks_jax import config as config_lib
 
 
@@ -165,18 +165,6 @@ def evaluate_params(exp: Experiment, params, **sampler_overrides) -> float:
   return sampler.accuracy(logits, exp.data.test_labels)
 
 
-def _summarise(metrics: dict[str, np.ndarray], num_blocks: int) -> dict[str, float]:
-  """Window means; per-block losses over the steps that trained each block."""
-  out = {f'train/{k}': float(np.mean(v)) for k, v in metrics.items() if k not in ('block', 'lr')}
-  out['train/lr'] = float(metrics['lr'][-1])
-  if num_blocks > 1:
-    for b in range(num_blocks):
-      chosen = metrics['block'] == b
-      if chosen.any():
-        out[f'train/loss_block{b}'] = float(np.mean(metrics['loss'][chosen]))
-  return out
-
-
 class _Preempted(Exception):
   pass
 
@@ -201,8 +189,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     logging.info('Starting from scratch: %d steps (%d per epoch, B=%d).', exp.total_steps,
                  exp.steps_per_epoch, exp.num_blocks)
     if config.model.kind == 'dblock':  # Where each block trains vs. where the sampler calls it (README).
-      for line in diagnostics.noise_plan(exp.num_blocks, config.eval.num_inference_steps or exp.num_blocks,
-                                         diffusion.EDM.from_config(config.diffusion), config.diffusion.overlap):
+      for line in diagnostics.noise_plan_for(config, exp.num_blocks):
         logging.info('%s', line)
   else:
     state, start = restored
@@ -234,7 +221,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     for k, v in metrics.items():
       window.setdefault(k, []).append(np.asarray(v))
     if crossed(config.train.log_every_steps, end - len(metrics['loss']), end):
-      summary = _summarise({k: np.concatenate(v) for k, v in window.items()}, exp.num_blocks)
+      summary = reporting.summarise({k: np.concatenate(v) for k, v in window.items()}, exp.num_blocks)
       summary['train/epoch'] = end / exp.steps_per_epoch
       window.clear()
       writer.write(end, summary)

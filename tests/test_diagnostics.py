@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from diffblocks_jax import config as config_lib
 from diffblocks_jax import diagnostics, diffusion
 
 NUM_BLOCKS = 3
@@ -111,3 +112,12 @@ def test_noise_plan_agrees_with_the_training_sampler_and_the_sampler_schedule(p_
 def test_noise_plan_names_a_block_the_sampler_skips():
   lines = diagnostics.noise_plan(3, 2)  # Two steps, σ = 80 and 0.002: block 1 is never called.
   assert lines[1].endswith('sampler calls it at σ = (never)'), lines
+
+
+def test_noise_plan_for_a_config_uses_its_noise_settings_and_sampler_steps():
+  config = config_lib.get_base_config()
+  config.diffusion.p_mean = 0.5
+  config.eval.num_inference_steps = 2
+  lines = diagnostics.noise_plan_for(config, 3)
+  assert lines == diagnostics.noise_plan(3, 2, diffusion.EDM(p_mean=0.5))
+  assert 'median 4.66' in lines[0] and lines[1].endswith('(never)')
