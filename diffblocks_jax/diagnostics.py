@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from diffblocks_jax import config as config_lib
 from diffblocks_jax import diffusion, input_pipeline
 
 
@@ -49,7 +50,7 @@ def block_accuracy_by_sigma(graphdef, params, config, images: np.ndarray, labels
                      f"{config.model.kind!r}")
   if len(images) != len(labels):
     raise ValueError(f'images ({len(images)}) and labels ({len(labels)}) differ in length')
-  num_blocks = len(config.model.layers_per_block) or config.model.num_blocks
+  num_blocks = config_lib.num_blocks(config)
 
   @functools.partial(jax.jit, static_argnums=4)
   def num_correct(params, images_u8, labels, valid, block, sigma, key):

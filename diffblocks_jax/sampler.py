@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from diffblocks_jax import config as config_lib
 from diffblocks_jax import diffusion
 
 
@@ -56,7 +57,7 @@ def make_predict_fn(graphdef, config, *, num_steps: int | None = None, cfg_scale
   """`predict(params, images, key) -> logits` for either model kind; jit it once per batch shape."""
   if config.model.kind == 'vit':
     return lambda params, images, key: nnx.merge(graphdef, params)(images)
-  num_blocks = len(config.model.layers_per_block) or config.model.num_blocks
+  num_blocks = config_lib.num_blocks(config)
   n = num_steps or config.eval.num_inference_steps or num_blocks
   s = config.eval.cfg_scale if cfg_scale is None else cfg_scale
   norm = config.eval.normalized_embeddings if normalized_embeddings is None else normalized_embeddings
