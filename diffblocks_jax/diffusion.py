@@ -135,3 +135,27 @@ def timestep_embedding(t, dim: int = 256, max_period: float = 10000.0):
   freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
   args = jnp.asarray(t, jnp.float32)[..., None] * freqs
   return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def noise_plan(num_blocks: int, num_steps: int, edm: EDM = DEFAULT_EDM,
+               overlap: float = 0.05) -> list[str]:
+  """One line per block: the σ range training draws from, its median, the share above σ = 10 (where the noisy
+  label says next to nothing), and the σ at which the sampler calls the block. Logged when training starts."""
+  ranges = widened_ranges(num_blocks, overlap, edm)
+  steps = inference_sigmas(num_steps, edm)
+  lines = []
+  for block in range(num_blocks):
+    lo, hi = ranges[num_blocks - 1 - block]
+    u_lo, u_hi = edm.cdf(lo), edm.cdf(hi)
+    median = float(edm.icdf((u_lo + u_hi) / 2))
+    above = float(np.clip((u_hi - edm.cdf(max(10.0, lo))) / (u_hi - u_lo), 0.0, 1.0))
+    called = [f'{s:.3g}' for s in steps if route_static(s, num_blocks, edm) == block]
+    lines.append(f'block {block}: trained on σ in [{lo:.3g}, {hi:.3g}], median {median:.3g}, '
+                 f'{100 * above:.1f} % above σ = 10; sampler calls it at σ = {", ".join(called) or "(never)"}')
+  return lines
+
+
+def noise_plan_for(config, num_blocks: int) -> list[str]:
+  """`noise_plan` with a config's noise settings and sampler steps."""
+  return noise_plan(num_blocks, config.eval.num_inference_steps or num_blocks,
+                    EDM.from_config(config.diffusion), config.diffusion.overlap)

@@ -20,9 +20,9 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from diffblocks_jax import checkpointing, diagnostics, input_pipeline, models, optim, reporting, sampler, sharding
-from diffblocks_jax import steps
+from diffblocks_jax import checkpointing, diffusion, models, optim, reporting, sampler, sharding, steps
 from diffblocks_jax import config as config_lib
+from diffblocks_jax.data import input_pipeline
 
 
 @dataclasses.dataclass
@@ -189,7 +189,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     logging.info('Starting from scratch: %d steps (%d per epoch, B=%d).', exp.total_steps,
                  exp.steps_per_epoch, exp.num_blocks)
     if config.model.kind == 'dblock':  # Where each block trains vs. where the sampler calls it (README).
-      for line in diagnostics.noise_plan_for(config, exp.num_blocks):
+      for line in diffusion.noise_plan_for(config, exp.num_blocks):
         logging.info('%s', line)
   else:
     state, start = restored

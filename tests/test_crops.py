@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from diffblocks_jax import config as config_lib
-from diffblocks_jax import crops, input_pipeline
+from diffblocks_jax.data import crops, input_pipeline
 
 
 def _images(height, width, n=1, seed=0):

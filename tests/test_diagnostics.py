@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from diffblocks_jax import config as config_lib
-from diffblocks_jax import diagnostics, diffusion
+from diffblocks_jax import diffusion
+from diffblocks_jax.tools import diagnostics
 
 NUM_BLOCKS = 3
 
@@ -89,7 +90,7 @@ SPEC_RANGES = [(0.392048, 80.0), (0.170584, 0.531832), (0.002, 0.224933)]
 @pytest.mark.parametrize('p_mean', [-1.2, 0.5])
 def test_noise_plan_agrees_with_the_training_sampler_and_the_sampler_schedule(p_mean):
   edm = diffusion.EDM(p_mean=p_mean)
-  lines = diagnostics.noise_plan(NUM_BLOCKS, NUM_BLOCKS, edm)
+  lines = diffusion.noise_plan(NUM_BLOCKS, NUM_BLOCKS, edm)
   assert len(lines) == NUM_BLOCKS
   steps = diffusion.inference_sigmas(NUM_BLOCKS, edm)
   for block, line in enumerate(lines):
@@ -110,7 +111,7 @@ def test_noise_plan_agrees_with_the_training_sampler_and_the_sampler_schedule(p_
 
 
 def test_noise_plan_names_a_block_the_sampler_skips():
-  lines = diagnostics.noise_plan(3, 2)  # Two steps, σ = 80 and 0.002: block 1 is never called.
+  lines = diffusion.noise_plan(3, 2)  # Two steps, σ = 80 and 0.002: block 1 is never called.
   assert lines[1].endswith('sampler calls it at σ = (never)'), lines
 
 
@@ -118,6 +119,6 @@ def test_noise_plan_for_a_config_uses_its_noise_settings_and_sampler_steps():
   config = config_lib.get_base_config()
   config.diffusion.p_mean = 0.5
   config.eval.num_inference_steps = 2
-  lines = diagnostics.noise_plan_for(config, 3)
-  assert lines == diagnostics.noise_plan(3, 2, diffusion.EDM(p_mean=0.5))
+  lines = diffusion.noise_plan_for(config, 3)
+  assert lines == diffusion.noise_plan(3, 2, diffusion.EDM(p_mean=0.5))
   assert 'median 4.66' in lines[0] and lines[1].endswith('(never)')

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from diffblocks_jax import config as config_lib
-from diffblocks_jax import input_pipeline as ip
-from diffblocks_jax.input_pipeline import DataError
+from diffblocks_jax.data import input_pipeline as ip
+from diffblocks_jax.data.dataset import DataError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -31,7 +31,8 @@ def test_tfds_mock_reads_through_data_source_without_tensorflow():
   code = """
 import sys
 import tensorflow_datasets as tfds
-from diffblocks_jax import config, input_pipeline
+from diffblocks_jax import config
+from diffblocks_jax.data import input_pipeline
 d = config.get_base_config().data
 with tfds.testing.mock_data(num_examples=12):
   data = input_pipeline.load_dataset(d, process_index=1, process_count=2)
@@ -51,7 +52,8 @@ _PREPARED_CODE = """
 import sys
 import numpy as np
 import tensorflow_datasets as tfds
-from diffblocks_jax import config, input_pipeline
+from diffblocks_jax import config
+from diffblocks_jax.data import input_pipeline
 
 class FakeImages(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version('1.0.0')
@@ -297,7 +299,7 @@ def test_flip_and_crop_change_images_as_specified():
 
 
 def test_augment_calls_randaugment(monkeypatch):
-  from diffblocks_jax import randaugment
+  from diffblocks_jax.data import randaugment
   calls = []
   def fake(key, images, *, num_ops, magnitude):
     calls.append((num_ops, magnitude))

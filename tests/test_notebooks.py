@@ -91,7 +91,7 @@ def test_notebooks_execute_and_draw(tmp_path):
   env = with_cache(bench_env, str(tmp_path / 'xla_cache'))
   dblock, vit = str(tmp_path / 'dblock'), str(tmp_path / 'vit')
   bench_json, bench_log = str(tmp_path / 'bench.json'), str(tmp_path / 'bench.log')
-  bench_args = [sys.executable, '-m', 'diffblocks_jax.bench', '--suite=tiny', f'--json={bench_json}',
+  bench_args = [sys.executable, '-m', 'diffblocks_jax.tools.bench', '--suite=tiny', f'--json={bench_json}',
                 '--windows=1', '--steps_per_window=1']
   bench = None
   if HAS_BENCH:
@@ -134,7 +134,7 @@ def test_notebooks_execute_and_draw(tmp_path):
     assert num_figures(nb) >= 3, text(nb)  # Curves, throughput, memory.
   else:
     assert num_figures(nb) >= 1 and 'charts are skipped' in text(nb), text(nb)
-    pytest.skip('diffblocks_jax/bench.py does not exist: the benchmark charts were not exercised '
+    pytest.skip('diffblocks_jax/tools/bench.py does not exist: the benchmark charts were not exercised '
                 '(everything else passed)')
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance, ImageOps
 
-from diffblocks_jax import randaugment as ra
+from diffblocks_jax.data import randaugment as ra
 
 H = W = 32
 MAGNITUDES = ra.magnitude_table(31, H, W)[:, 9]  # torchvision's default magnitude bin

@@ -35,7 +35,7 @@ def run_script(args: list[str], num_devices: int, timeout: float = TIMEOUT_S) ->
 
 def synthetic_data(num_train: int = 70, num_test: int = 20, seed: int = 0):
   """Random 8x8 RGB uint8 images in 5 classes; 70 rows do not divide over 8 devices (padding is used)."""
-  from diffblocks_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from diffblocks_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   images = lambda n: rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
   labels = lambda n: rng.integers(0, 5, n).astype(np.int32)

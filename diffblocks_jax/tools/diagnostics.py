@@ -16,7 +16,8 @@ import numpy as np
 from flax import nnx
 
 from diffblocks_jax import config as config_lib
-from diffblocks_jax import diffusion, input_pipeline
+from diffblocks_jax import diffusion
+from diffblocks_jax.data import input_pipeline
 
 
 def training_sigma_density(sigmas, num_blocks: int, edm: diffusion.EDM = diffusion.DEFAULT_EDM,
@@ -75,27 +76,3 @@ def block_accuracy_by_sigma(graphdef, params, config, images: np.ndarray, labels
         correct[block, j] += int(num_correct(params, batch, batch_labels, valid, block, jnp.float32(sigma),
                                              step_key))
   return correct / max(len(images), 1)
-
-
-def noise_plan(num_blocks: int, num_steps: int, edm: diffusion.EDM = diffusion.DEFAULT_EDM,
-               overlap: float = 0.05) -> list[str]:
-  """One line per block: the σ range training draws from, its median, the share above σ = 10 (where the noisy
-  label says next to nothing), and the σ at which the sampler calls the block. Logged when training starts."""
-  ranges = diffusion.widened_ranges(num_blocks, overlap, edm)
-  steps = diffusion.inference_sigmas(num_steps, edm)
-  lines = []
-  for block in range(num_blocks):
-    lo, hi = ranges[num_blocks - 1 - block]
-    u_lo, u_hi = edm.cdf(lo), edm.cdf(hi)
-    median = float(edm.icdf((u_lo + u_hi) / 2))
-    above = float(np.clip((u_hi - edm.cdf(max(10.0, lo))) / (u_hi - u_lo), 0.0, 1.0))
-    called = [f'{s:.3g}' for s in steps if diffusion.route_static(s, num_blocks, edm) == block]
-    lines.append(f'block {block}: trained on σ in [{lo:.3g}, {hi:.3g}], median {median:.3g}, '
-                 f'{100 * above:.1f} % above σ = 10; sampler calls it at σ = {", ".join(called) or "(never)"}')
-  return lines
-
-
-def noise_plan_for(config, num_blocks: int) -> list[str]:
-  """`noise_plan` with a config's noise settings and sampler steps."""
-  return noise_plan(num_blocks, config.eval.num_inference_steps or num_blocks,
-                    diffusion.EDM.from_config(config.diffusion), config.diffusion.overlap)

@@ -13,7 +13,7 @@ import pathlib
 from absl import logging
 import numpy as np
 
-from diffblocks_jax.input_pipeline import DataError
+from diffblocks_jax.data.dataset import DataError
 
 IMAGE_EXTENSIONS = frozenset({'.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm', '.pgm'})
 _GRAY_MODES = frozenset({'1', 'L', 'LA', 'I', 'I;16', 'F'})

@@ -1,7 +1,7 @@
 """Throughput and memory of the baseline ViT against DiffusionBlocks, on synthetic data (SPEC §10).
 
-  python -m diffblocks_jax.bench [--suite=release|tiny] [--json=FILE] [--windows=N --steps_per_window=K]
-  python -m diffblocks_jax.bench --config=configs/cifar100_dblock.py [--config.model.compute_dtype=bfloat16]
+  python -m diffblocks_jax.tools.bench [--suite=release|tiny] [--json=FILE] [--windows=N --steps_per_window=K]
+  python -m diffblocks_jax.tools.bench --config=configs/cifar100_dblock.py [--config.model.compute_dtype=bfloat16]
       [--image_size=32 --channels=3 --num_classes=100] [--randaugment] [--isolate]
 
 Rows per setting (a config's model.kind is set per row): the baseline's training img/s; DiffusionBlocks'
@@ -38,7 +38,8 @@ import numpy as np
 from ml_collections import config_flags
 
 from diffblocks_jax import config as config_lib
-from diffblocks_jax import input_pipeline, sampler, sharding, steps, train
+from diffblocks_jax import sampler, sharding, steps, train
+from diffblocks_jax.data import input_pipeline
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Benchmark this config instead of a suite.',
                                           lock_config=True)
@@ -249,7 +250,7 @@ def _run_isolated(settings: list[Setting], randaugment: bool) -> list[dict[str, 
   for i, setting in enumerate(settings):
     for variant in variants(setting, randaugment):
       with tempfile.NamedTemporaryFile(suffix='.json') as f:
-        subprocess.run([sys.executable, '-m', 'diffblocks_jax.bench', *forwarded, f'--only={i}:{variant}',
+        subprocess.run([sys.executable, '-m', 'diffblocks_jax.tools.bench', *forwarded, f'--only={i}:{variant}',
                         f'--json={f.name}'], check=True)
         records += json.loads(pathlib.Path(f.name).read_text())
   return records

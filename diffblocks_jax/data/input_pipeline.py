@@ -11,7 +11,6 @@ message names the bad input and what to do about it.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import pathlib
 
@@ -20,52 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffblocks_jax import crops
+from diffblocks_jax.data import crops
+from diffblocks_jax.data.dataset import DataError, Dataset
 
 SOURCES = ('tfds', 'digits', 'npz', 'folder')
 _NPZ_KEYS = ('x_train', 'y_train', 'x_test', 'y_test')
 _TFDS_CHUNK = 1024  # Examples per batched read from a TFDS data source.
-
-
-class DataError(ValueError):
-  """A data problem; the message names the bad input and says what to do."""
-
-
-@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: arrays make field-wise ==/hash meaningless.
-class Dataset:
-  train_images: np.ndarray  # uint8 (N, H, W, C)
-  train_labels: np.ndarray  # int32 (N,)
-  test_images: np.ndarray
-  test_labels: np.ndarray
-  num_classes: int
-  name: str
-
-  def __post_init__(self):
-    for split in ('train', 'test'):
-      images, labels = getattr(self, f'{split}_images'), getattr(self, f'{split}_labels')
-      if images.dtype != np.uint8 or images.ndim != 4:
-        raise DataError(f'{self.name}: {split}_images must be uint8 (N, H, W, C), got {images.dtype} '
-                        f'{images.shape}')
-      if labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer):
-        raise DataError(f'{self.name}: {split}_labels must be integers of shape ({len(images)},), got '
-                        f'{labels.dtype} {labels.shape}')
-      if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
-        raise DataError(f'{self.name}: {split}_labels span [{labels.min()}, {labels.max()}], outside '
-                        f'[0, {self.num_classes})')
-    if self.train_images.shape[1:] != self.test_images.shape[1:]:
-      raise DataError(f'{self.name}: train images are {self.train_images.shape[1:]} but test images are '
-                      f'{self.test_images.shape[1:]}')
-
-  @property
-  def image_size(self) -> int:
-    height, width = self.train_images.shape[1:3]
-    if height != width:
-      raise DataError(f'{self.name}: images are {height}x{width}; the ViT needs square images (resize them)')
-    return height
-
-  @property
-  def channels(self) -> int:
-    return self.train_images.shape[-1]
 
 
 def load_dataset(data_config, *, process_index: int = 0, process_count: int = 1) -> Dataset:
@@ -268,7 +227,7 @@ def _npz_array(f, key: str, path: str) -> np.ndarray:
 # -------------------------------------------------------------------------------------------------- folder
 
 def _load_folder(data_config, shard) -> Dataset:
-  from diffblocks_jax import image_folder  # pylint: disable=g-import-not-at-top  (it imports this module)
+  from diffblocks_jax.data import image_folder  # pylint: disable=g-import-not-at-top  (Pillow: folder source only)
   train_images, train_labels, test_images, test_labels, classes = image_folder.load(data_config)
   train_images, train_labels = _sharded(train_images, train_labels, shard)
   return Dataset(train_images, train_labels, test_images, test_labels, len(classes),
@@ -294,7 +253,7 @@ def augment(key: jax.Array, images_uint8: jax.Array, data_config) -> jax.Array:
     flip = jax.random.bernoulli(flip_key, 0.5, (images.shape[0], 1, 1, 1))
     images = jnp.where(flip, images[:, :, ::-1], images)
   if data_config.randaugment:
-    from diffblocks_jax import randaugment  # pylint: disable=g-import-not-at-top
+    from diffblocks_jax.data import randaugment  # pylint: disable=g-import-not-at-top
     images = randaugment.randaugment(randaugment_key, images, num_ops=data_config.randaugment_num_ops,
                                      magnitude=data_config.randaugment_magnitude)
   return normalize(images, data_config)

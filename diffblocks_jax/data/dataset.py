@@ -1,0 +1,48 @@
+"""The in-memory dataset every source produces, and the error every data problem raises."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+class DataError(ValueError):
+  """A data problem; the message names the bad input and says what to do."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: arrays make field-wise ==/hash meaningless.
+class Dataset:
+  train_images: np.ndarray  # uint8 (N, H, W, C)
+  train_labels: np.ndarray  # int32 (N,)
+  test_images: np.ndarray
+  test_labels: np.ndarray
+  num_classes: int
+  name: str
+
+  def __post_init__(self):
+    for split in ('train', 'test'):
+      images, labels = getattr(self, f'{split}_images'), getattr(self, f'{split}_labels')
+      if images.dtype != np.uint8 or images.ndim != 4:
+        raise DataError(f'{self.name}: {split}_images must be uint8 (N, H, W, C), got {images.dtype} '
+                        f'{images.shape}')
+      if labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f'{self.name}: {split}_labels must be integers of shape ({len(images)},), got '
+                        f'{labels.dtype} {labels.shape}')
+      if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
+        raise DataError(f'{self.name}: {split}_labels span [{labels.min()}, {labels.max()}], outside '
+                        f'[0, {self.num_classes})')
+    if self.train_images.shape[1:] != self.test_images.shape[1:]:
+      raise DataError(f'{self.name}: train images are {self.train_images.shape[1:]} but test images are '
+                      f'{self.test_images.shape[1:]}')
+
+  @property
+  def image_size(self) -> int:
+    height, width = self.train_images.shape[1:3]
+    if height != width:
+      raise DataError(f'{self.name}: images are {height}x{width}; the ViT needs square images (resize them)')
+    return height
+
+  @property
+  def channels(self) -> int:
+    return self.train_images.shape[-1]

@@ -1,0 +1,1 @@
+"""Tools off the training path: the benchmark, diagnostics of a trained model."""
