@@ -49,7 +49,6 @@ def _words(x: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(x, jnp.dtype(f'uint{8 * x.dtype.itemsize}')).astype(jnp.uint32)
 
 
-@jax.jit
 def _fingerprint(x: jax.Array) -> jax.Array:
   """Two position-weighted sums mod 2**32 of the words. The weights are odd, so changing any one word
   changes both sums. Integer sums are exact in any order: the same on every sharding and device count.
@@ -62,6 +61,13 @@ def _fingerprint(x: jax.Array) -> jax.Array:
   a = jnp.sum(w * (2 * idx + 1), dtype=jnp.uint32)
   b = jnp.sum(w * (idx * jnp.uint32(0x9E3779B9) | 1), dtype=jnp.uint32)
   return jnp.stack([a, b])
+
+
+@jax.jit
+def _fingerprints(leaves: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Every leaf's fingerprint in one program. Block-sharded leaves need collectives, and many small programs
+  with collectives in flight at once can starve XLA's CPU thread pool into a deadlock; one program cannot."""
+  return {k: _fingerprint(v) for k, v in leaves.items()}
 
 
 def _fetch(x: jax.Array) -> list[int]:
@@ -78,7 +84,7 @@ def _leaves(tree: PyTree) -> dict[str, Any]:
 
 def _manifest(tree: PyTree) -> dict[str, Any]:
   leaves = _leaves(tree)
-  prints = {k: _fingerprint(v) for k, v in leaves.items()}  # Dispatch all, then fetch.
+  prints = _fingerprints(leaves)
   return {'leaves': {k: {'shape': list(np.shape(v)), 'dtype': str(v.dtype), 'fingerprint': _fetch(prints[k])}
                      for k, v in leaves.items()}}
 
@@ -99,7 +105,7 @@ def _check_fits(manifest: dict[str, Any], target: PyTree, where: str) -> None:
 def _verify(manifest: dict[str, Any], restored: PyTree) -> None:
   leaves = _leaves(restored)
   # A leaf restored into another dtype (a deliberate cast) has other bits: only same-dtype leaves compare.
-  prints = {k: _fingerprint(v) for k, v in leaves.items() if str(v.dtype) == manifest['leaves'][k]['dtype']}
+  prints = _fingerprints({k: v for k, v in leaves.items() if str(v.dtype) == manifest['leaves'][k]['dtype']})
   bad = [k for k, p in prints.items() if _fetch(p) != manifest['leaves'][k]['fingerprint']]
   if bad:
     raise _Unreadable(f'fingerprint mismatch (damaged data) in {", ".join(bad)}')

@@ -82,6 +82,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   t.log_every_steps = 200
   t.checkpoint_every_steps = 2000
   t.keep_checkpoints = 3
+  t.offload_idle_blocks = False  # Keep the blocks' parameters and Adam state in host memory; one block on the device.
   t.eval_every_epochs = 10.0  # Test-split evaluation cadence (0 = only at the end).
 
   # --- evaluation (SPEC §7) ---
@@ -173,9 +174,13 @@ def validate(config, *, num_devices: int | None = None) -> None:
       errors.append(f'config.data.resized_crop_ratio={tuple(d.resized_crop_ratio)} must satisfy 0 < lo <= hi')
   if config.optim.lr <= 0:
     errors.append(f'config.optim.lr={config.optim.lr} must be > 0')
-  if config.parallel_blocks and (m.kind != 'dblock' or not m.independent_blocks):
-    errors.append('config.parallel_blocks=True needs config.model.kind=dblock and '
-                  'config.model.independent_blocks=True')
+  uneven = len(set(m.layers_per_block)) > 1  # Equal depths are stacked on a block axis (core/blocks.py).
+  if config.parallel_blocks and (m.kind != 'dblock' or not m.independent_blocks or uneven):
+    errors.append('config.parallel_blocks=True needs config.model.kind=dblock, '
+                  'config.model.independent_blocks=True and blocks of equal depth (the block axis is sharded)')
+  if config.train.offload_idle_blocks and (m.kind != 'dblock' or uneven or config.parallel_blocks):
+    errors.append('config.train.offload_idle_blocks=True needs config.model.kind=dblock with blocks of equal depth '
+                  '(no uneven config.model.layers_per_block) and config.parallel_blocks=False')
   if num_devices is not None:
     data_devices = num_devices if config.mesh.data == -1 else config.mesh.data
     if config.parallel_blocks:

@@ -112,6 +112,97 @@ def sample_training_sigmas(key: jax.Array, batch_size: int, num_blocks: int, ove
   return sigmas, block
 
 
+@dataclasses.dataclass(frozen=True)
+class LogNormalPartition:
+  """The EDM noise plan of B blocks, as the core step and sampler use it (SPEC §4, §5, §7).
+
+  Levels are σ; block 0 owns the highest noise (the first layers), block B−1 the lowest. The target is
+  corrupted as x_t = x_0 + σ·ε and the sampler takes Euler steps of the probability-flow ODE.
+  """
+  num_blocks: int
+  overlap: float = 0.05
+  edm: EDM = DEFAULT_EDM
+
+  @classmethod
+  def from_config(cls, num_blocks: int, diffusion_config) -> LogNormalPartition:
+    return cls(num_blocks, float(diffusion_config.overlap), EDM.from_config(diffusion_config))
+
+  def boundaries(self) -> np.ndarray:
+    return block_sigmas(self.num_blocks, self.edm)
+
+  def sample(self, key: jax.Array, batch_size: int, *, block: int | jax.Array | None = None):
+    """(σ (batch,), block): a block drawn uniformly (or the given one) and σ from its widened range."""
+    bucket_index = None if block is None else self.num_blocks - 1 - block
+    return sample_training_sigmas(key, batch_size, self.num_blocks, self.overlap, self.edm,
+                                  bucket_index=bucket_index)
+
+  def corrupt(self, key: jax.Array, x0: jax.Array, sigmas: jax.Array) -> jax.Array:
+    noise = jax.random.normal(key, x0.shape, jnp.float32)
+    return x0 + sigmas.reshape((-1,) + (1,) * (x0.ndim - 1)) * noise
+
+  def inference_levels(self, num_steps: int) -> np.ndarray:
+    return inference_sigmas(num_steps, self.edm)
+
+  def route_static(self, sigma: float) -> int:
+    return route_static(sigma, self.num_blocks, self.edm)
+
+  def prior(self, key: jax.Array, shape: tuple[int, ...], sigma: float) -> jax.Array:
+    """The sampler's start: N(0, 1 + σ²) as the release draws it (a unit-norm target plus noise σ)."""
+    return jax.random.normal(key, shape, jnp.float32) * np.sqrt(1.0 + sigma**2)
+
+  def euler(self, x: jax.Array, x_hat: jax.Array, sigma: float, next_sigma: float) -> jax.Array:
+    """One Euler step of dx/dσ = (x − x̂)/σ (SPEC §7)."""
+    return x + (next_sigma - sigma) * (x - x_hat) / sigma
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskingPartition:
+  """A masking time t ∈ [0, 1] cut into B slices, t_b = b/B (paper App. D, linear schedule α_t = 1 − t).
+
+  Block 0 owns the most-masked slice [(B−1)/B, 1]; each slice is widened by γ of its width per side, in
+  units of t. `corrupt` replaces each token by `mask_id` with probability t (absorbing-state diffusion).
+  """
+  num_blocks: int
+  overlap: float = 0.05
+  mask_id: int = -1
+
+  def boundaries(self) -> np.ndarray:
+    if self.num_blocks < 1:
+      raise ValueError(f'num_blocks must be >= 1, got {self.num_blocks}')
+    return np.linspace(0.0, 1.0, self.num_blocks + 1)
+
+  def widened_ranges(self) -> np.ndarray:
+    """(B, 2) ranges of t per bucket (bucket k = [k/B, (k+1)/B] widened and clipped), ascending in t."""
+    b = self.boundaries()
+    width = b[1:] - b[:-1]
+    return np.clip(np.stack([b[:-1] - self.overlap * width, b[1:] + self.overlap * width], axis=1), 0.0, 1.0)
+
+  def route(self, t):
+    """Block of each t: high t (mostly masked) → block 0."""
+    bucket_index = jnp.clip(jnp.floor(jnp.asarray(t, jnp.float32) * self.num_blocks), 0, self.num_blocks - 1)
+    return (self.num_blocks - 1 - bucket_index).astype(jnp.int32)
+
+  def route_static(self, t: float) -> int:
+    return self.num_blocks - 1 - min(max(int(np.floor(float(t) * self.num_blocks)), 0), self.num_blocks - 1)
+
+  def sample(self, key: jax.Array, batch_size: int, *, block: int | jax.Array | None = None):
+    """(t (batch,), block): a block drawn uniformly (or the given one) and t uniform in its widened range."""
+    block_key, t_key = jax.random.split(key)
+    if block is None:
+      block = jax.random.randint(block_key, (), 0, self.num_blocks)
+    block = jnp.asarray(block, jnp.int32)
+    ranges = jnp.asarray(self.widened_ranges(), jnp.float32)[self.num_blocks - 1 - block]
+    return jax.random.uniform(t_key, (batch_size,), minval=ranges[0], maxval=ranges[1]), block
+
+  def corrupt(self, key: jax.Array, x0: jax.Array, t: jax.Array) -> jax.Array:
+    masked = jax.random.bernoulli(key, t.reshape((-1,) + (1,) * (x0.ndim - 1)), x0.shape)
+    return jnp.where(masked, jnp.asarray(self.mask_id, x0.dtype), x0)
+
+  def inference_levels(self, num_steps: int) -> np.ndarray:
+    """N descending times from 1 (all masked) to 0."""
+    return np.linspace(1.0, 0.0, num_steps) if num_steps > 1 else np.array([1.0])
+
+
 def preconditioning(sigma, sigma_data: float = 0.5):
   """EDM coefficients (c_skip, c_out, c_in, c_noise) for σ of any shape (SPEC §4)."""
   sigma = jnp.asarray(sigma, jnp.float32)

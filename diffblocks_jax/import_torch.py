@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from diffblocks_jax import models, steps
+from diffblocks_jax import models
+from diffblocks_jax.core import blocks, steps
 
 PREFIX = 'model.'  # The LightningModule holds the network as `self.model`.
 IGNORED = frozenset({'sigmas'})  # The noise-level buffer: recomputed from the config (SPEC §4).
@@ -184,6 +185,8 @@ def convert(state_dict: dict[str, np.ndarray], config, *, image_size: int | None
   dims, dim_errors = _infer_dims(sd, config, dict(image_size=image_size, channels=channels,
                                                   num_classes=num_classes))
   target = _target(config, dims)
+  stacked = 'blocks' in target and blocks.is_stacked(target['blocks'])
+  target = blocks.unstack(target)  # The release's layers map block by block; restacked at the end.
   offsets = [0]
   if config.model.kind == 'dblock':
     counts = models.partition_layers(config.model.num_layers, config.model.num_blocks,
@@ -205,7 +208,8 @@ def convert(state_dict: dict[str, np.ndarray], config, *, image_size: int | None
     names = _names(path)
     return jnp.asarray(_to_flax(sd[_release_key(names, offsets)], names[-1]), jnp.float32)
 
-  return jax.tree_util.tree_map_with_path(fill, target)
+  params = jax.tree_util.tree_map_with_path(fill, target)
+  return blocks.restack(params) if stacked else params
 
 
 def _report(source, config, missing, unexpected, misshaped, errors, sd) -> str:
@@ -235,7 +239,7 @@ def import_checkpoint(input_path: str, config, workdir: str, *, trust_pickle: bo
     # A later step there would win on resume and silently hide the import.
     raise CheckpointImportError(f'{directory} already holds checkpoints; import into an empty --workdir')
   from diffblocks_jax import checkpointing  # Lazy: `convert` works without the saving machinery.
-  state = steps.init_state(params, config.model.kind, config.seed)
+  state = steps.init_state(params, config.seed)
   # The data shapes the import was built for: a run resuming it must use a dataset of these shapes.
   dims = _infer_dims(_normalize(state_dict)[0], config, {})[0]
   metadata = {'imported_from': os.path.abspath(input_path), **dims}

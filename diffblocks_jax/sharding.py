@@ -1,7 +1,8 @@
 """Device meshes and placement: parameters replicated, batches and the training split sharded on 'data'.
 
 Data parallel: a 1-D mesh ('data',). Block-parallel (`config.parallel_blocks`): a 2-D mesh ('block', 'data'),
-row b being the devices of block b's group. Devices are ordered process-major on every mesh, so the devices
+row b being the devices of block b's group; the block-stacked parameters and Adam state are sharded on
+'block' (`state_shardings`), so group b holds block b alone, and each block's batch is sharded on 'data'. Devices are ordered process-major on every mesh, so the devices
 of one process are contiguous on 'data' and each process's rows of a sharded array form one block.
 
 The training split lives on the devices as one global uint8 array whose rows are the processes' shards one
@@ -66,24 +67,58 @@ def block_mesh(per_process: list[list[jax.Device]], num_blocks: int) -> Mesh:
   return Mesh(np.asarray(rows), ('block', 'data'))
 
 
-def group_meshes(mesh: Mesh) -> list[Mesh]:
-  """The 1-D ('data',) mesh of each row of a ('block', 'data') mesh."""
-  return [Mesh(row, ('data',)) for row in mesh.devices]
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) dimension split over every mesh axis ('data', or all groups' devices for evaluation)."""
+  """A training batch: split on 'data'; block-parallel, (B, batch, ...) with block b's batch on group b."""
+  return NamedSharding(mesh, P('block', 'data') if 'block' in mesh.axis_names else P('data'))
+
+
+def eval_batch_sharding(mesh: Mesh) -> NamedSharding:
+  """An evaluation batch: its leading dimension split over every device of the mesh."""
   return NamedSharding(mesh, P(mesh.axis_names))
+
+
+def split_sharding(mesh: Mesh) -> NamedSharding:
+  """The training split: rows on 'data' (block-parallel: every group holds the whole split)."""
+  return NamedSharding(mesh, P('data'))
 
 
 # ------------------------------------------------------------------------------------- the training split
 
 def local_devices_on(mesh: Mesh) -> int:
-  return sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+  """This process's devices along 'data' (on a ('block', 'data') mesh: in one group; they all hold the split)."""
+  local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+  return local // (mesh.size // mesh.shape['data'])
+
+
+def state_shardings(mesh: Mesh, abstract_state: Any, *, offload: bool = False) -> Any:
+  """Shardings of a train state: replicated, except the block-stacked parts ('blocks' of params and Adam state).
+
+  Those are sharded on 'block' on a ('block', 'data') mesh (group b holds block b), and with `offload` they
+  live in host memory ('pinned_host'); the step brings one row at a time onto the device (core/blocks.py).
+  """
+  everywhere = replicated(mesh)
+  if 'block' in mesh.axis_names:
+    stacked = NamedSharding(mesh, P('block'))
+  elif offload:
+    stacked = everywhere.with_memory_kind('pinned_host')
+  else:
+    return jax.tree.map(lambda _: everywhere, abstract_state)
+  place = lambda tree: dict(jax.tree.map(lambda _: everywhere, tree),
+                            blocks=jax.tree.map(lambda _: stacked, tree['blocks']))
+  return abstract_state.replace(step=everywhere, rng=everywhere, params=place(abstract_state.params),
+                                opt_state=place(abstract_state.opt_state))
+
+
+def on_device(tree: Any) -> Any:
+  """`tree` with every array held in host memory copied to device memory (same devices and sharding)."""
+  def fetch(x):
+    kind = getattr(x.sharding, 'memory_kind', None)
+    return x if kind in (None, 'device') else jax.device_put(x, x.sharding.with_memory_kind('device'))
+  return jax.tree.map(fetch, tree)
 
 
 def padded_rows(mesh: Mesh, num_local: int) -> int:
@@ -100,7 +135,7 @@ def put_rows(mesh: Mesh, local: np.ndarray) -> jax.Array:
   pad = padded_rows(mesh, len(local)) - len(local)
   if pad:
     local = np.concatenate([local, np.zeros((pad,) + local.shape[1:], local.dtype)])
-  return jax.make_array_from_process_local_data(NamedSharding(mesh, P('data')), local)
+  return jax.make_array_from_process_local_data(split_sharding(mesh), local)
 
 
 def global_rows(index: jax.Array, num_local: int, num_padded: int) -> jax.Array:
@@ -109,11 +144,14 @@ def global_rows(index: jax.Array, num_local: int, num_padded: int) -> jax.Array:
 
 
 def gather_rows(mesh: Mesh, arrays: tuple[jax.Array, ...], rows: jax.Array) -> tuple[jax.Array, ...]:
-  """arrays[rows] for `arrays` row-sharded on a ('data',) mesh and replicated `rows`; results sharded on 'data'.
+  """arrays[rows] for `arrays` row-sharded on 'data' and replicated `rows`; results sharded on 'data'.
 
   Inside a jitted function. Costs one reduce-scatter of the gathered batch: XLA's own partitioning of
-  such a gather may instead all-gather the whole split, which is why it is spelled out here.
+  such a gather may instead all-gather the whole split, which is why it is spelled out here. On a
+  ('block', 'data') mesh `rows` is (B, batch), one batch per block, and the results are (B, batch, ...)
+  sharded ('block', 'data'): each group gathers its own block's batch from its copy of the split.
   """
+  per_block = 'block' in mesh.axis_names
 
   def local_gather(*args):
     *shards, rows = args
@@ -123,32 +161,16 @@ def gather_rows(mesh: Mesh, arrays: tuple[jax.Array, ...], rows: jax.Array) -> t
     local = jnp.clip(local, 0, per_device - 1)
     out = []
     for x in shards:
-      mask = here.reshape((-1,) + (1,) * (x.ndim - 1))
+      mask = here.reshape(here.shape + (1,) * (x.ndim - 1))
       # Exactly one device holds each row, so the sum over devices is that row, bit for bit.
       picked = jnp.where(mask, x[local], jnp.zeros((), x.dtype))
-      out.append(jax.lax.psum_scatter(picked, 'data', scatter_dimension=0, tiled=True))
+      out.append(jax.lax.psum_scatter(picked, 'data', scatter_dimension=rows.ndim - 1, tiled=True))
     return tuple(out)
 
   specs = tuple(P('data') for _ in arrays)
-  return jax.shard_map(local_gather, mesh=mesh, in_specs=specs + (P(),), out_specs=specs)(*arrays, rows)
-
-
-# -------------------------------------------------------------------------------- moving between groups
-
-def copy_replicated(x: jax.Array, target: NamedSharding) -> jax.Array:
-  """A fully replicated array copied onto another set of devices, replicated there.
-
-  Each process copies its own replica to its devices of `target`: multi-controller JAX cannot reshard
-  between different device sets across processes, and every process holds a replica of a block here
-  because every group spans all processes (`block_mesh`).
-  """
-  if x.sharding == target:
-    return x
-  if not x.is_fully_replicated:
-    raise ValueError(f'copy_replicated needs a fully replicated array, got {x.sharding}')
-  source = x.addressable_shards[0].data
-  pieces = [jax.device_put(source, d) for d in target.addressable_devices]
-  return jax.make_array_from_single_device_arrays(x.shape, target, pieces)
+  out_spec = P('block', 'data') if per_block else P('data')
+  return jax.shard_map(local_gather, mesh=mesh, in_specs=specs + (P('block') if per_block else P(),),
+                       out_specs=tuple(out_spec for _ in arrays))(*arrays, rows)
 
 
 def bytes_per_device(tree: Any) -> dict[jax.Device, int]:

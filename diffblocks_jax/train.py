@@ -7,7 +7,6 @@ all happen on the device, and the host only logs, evaluates and checkpoints betw
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import signal
@@ -20,9 +19,11 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from diffblocks_jax import checkpointing, diffusion, models, optim, reporting, sampler, sharding, steps
+from diffblocks_jax import checkpointing, diffusion, models, reporting, sharding
 from diffblocks_jax import config as config_lib
+from diffblocks_jax.core import blocks, optim, steps
 from diffblocks_jax.data import input_pipeline
+from diffblocks_jax.tasks import classification
 
 
 @dataclasses.dataclass
@@ -39,7 +40,7 @@ class Experiment:
   schedule: Any
 
   def init_state(self) -> steps.TrainState:
-    """Real parameters, built directly in their shardings under jit."""
+    """Real parameters, built directly in their shardings (and memory kinds) under jit."""
     shardings = jax.tree.map(lambda a: a.sharding, self.abstract_state)
     return jax.jit(self._init, out_shardings=shardings)()
 
@@ -47,7 +48,7 @@ class Experiment:
     c, d = self.config, self.data
     model = models.build(c.model, image_size=d.image_size, channels=d.channels, num_classes=d.num_classes,
                          seed=c.seed)
-    return steps.init_state(models.split(model)[1], c.model.kind, c.seed)
+    return steps.init_state(models.split(model)[1], c.seed)
 
 
 def build_experiment(config) -> Experiment:
@@ -80,53 +81,63 @@ def experiment_from_data(config, data: input_pipeline.Dataset, mesh=None) -> Exp
   abstract_model = nnx.eval_shape(lambda: models.build(
       config.model, image_size=data.image_size, channels=data.channels, num_classes=data.num_classes))
   exp.graphdef = models.split(abstract_model)[0]
-  replicated = sharding.replicated(mesh)
-  exp.abstract_state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-                                    jax.eval_shape(exp._init))
-  if config.parallel_blocks:  # Each block's state on its own device group.
-    from diffblocks_jax import parallel_blocks  # pylint: disable=g-import-not-at-top  (it imports this module)
-    return parallel_blocks.place_blocks(exp)
+  abstract = jax.eval_shape(exp._init)
+  shardings = sharding.state_shardings(mesh, abstract, offload=config.train.offload_idle_blocks)
+  exp.abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                                    shardings)
   return exp
 
 
 def put_train_split(exp: Experiment):
   """(images, labels): this process's training shard as global arrays, rows sharded on 'data' (sharding.py)."""
-  if exp.config.parallel_blocks:
-    from diffblocks_jax import parallel_blocks  # pylint: disable=g-import-not-at-top
-    return parallel_blocks.put_train_split(exp)
   return (sharding.put_rows(exp.mesh, exp.data.train_images),
           sharding.put_rows(exp.mesh, exp.data.train_labels.astype(np.int32)))
+
+
+def make_train_step(exp: Experiment, *, block: int | None = None):
+  """The config's step; block-parallel training steps every block at once (`steps.make_parallel_step`)."""
+  c = exp.config
+  if c.parallel_blocks:
+    return steps.make_parallel_step(exp.graphdef, classification.Classification.from_config(c),
+                                    classification.partition(c), c.optim, exp.schedule,
+                                    condition_dropout=c.diffusion.class_dropout_prob)
+  return classification.make_train_step(exp.graphdef, c, exp.schedule, block=block,
+                                        placement=blocks.Placement(host=c.train.offload_idle_blocks))
 
 
 def make_train_chunk(exp: Experiment, *, block: int | None = None, train_step=None):
   """jit(state, images_u8, labels, num_steps) → (state, stacked metrics): `num_steps` steps in one call.
 
-  `images_u8, labels` come from `put_train_split`. `block` fixes the trained block (block-parallel mode,
-  benchmark); None draws it every step. `train_step` replaces the step built from the config.
+  `images_u8, labels` come from `put_train_split`. `block` fixes the trained block (benchmark); None draws
+  it every step. `train_step` replaces the step built from the config.
   """
   config, mesh = exp.config, exp.mesh
-  if config.parallel_blocks and block is None:
-    from diffblocks_jax import parallel_blocks  # pylint: disable=g-import-not-at-top
-    return parallel_blocks.make_train_chunk(exp)
-  train_step = train_step or steps.make_train_step(exp.graphdef, config, exp.schedule, exp.num_blocks,
-                                                   block=block)
+  train_step = train_step or make_train_step(exp, block=block)
   batch = config.train.batch_size
   num_local = len(exp.data.train_labels)
   num_padded = sharding.padded_rows(mesh, num_local)
   data_key = jax.random.fold_in(jax.random.key(config.seed), 0x5eed)
-  if config.parallel_blocks:
-    data_key = jax.random.fold_in(data_key, block)  # Each block its own data order.
+  # Block-parallel: each block its own data order and augmentation, one batch per block.
+  data_keys = [jax.random.fold_in(data_key, b) for b in range(exp.num_blocks)] if config.parallel_blocks \
+      else [data_key]
 
-  def body(state, images_u8, labels):
+  def batch_of(key, step, images_u8, labels):
     # A fresh permutation per epoch of the processes' shards together, indexed by the global step: a resumed
     # run sees the same batches, and so does a run on any number of processes and devices.
-    epoch, within = jnp.divmod(state.step, exp.steps_per_epoch)
-    perm = jax.random.permutation(jax.random.fold_in(data_key, epoch), jax.process_count() * num_local)
-    idx = jax.lax.dynamic_slice(perm, (within * batch,), (batch,))
-    rows = sharding.global_rows(idx, num_local, num_padded)
-    images_b, labels_b = sharding.gather_rows(mesh, (images_u8, labels), rows)
-    aug_key = jax.random.fold_in(jax.random.fold_in(data_key, 1), state.step)
-    x = input_pipeline.augment(aug_key, images_b, config.data)
+    epoch, within = jnp.divmod(step, exp.steps_per_epoch)
+    perm = jax.random.permutation(jax.random.fold_in(key, epoch), jax.process_count() * num_local)
+    return sharding.global_rows(jax.lax.dynamic_slice(perm, (within * batch,), (batch,)), num_local, num_padded)
+
+  def body(state, images_u8, labels):
+    rows = jnp.stack([batch_of(k, state.step, images_u8, labels) for k in data_keys])
+    images_b, labels_b = sharding.gather_rows(mesh, (images_u8, labels), rows if config.parallel_blocks
+                                              else rows[0])
+    augment = lambda key, x: input_pipeline.augment(jax.random.fold_in(jax.random.fold_in(key, 1), state.step),
+                                                    x, config.data)
+    if config.parallel_blocks:
+      x = jnp.stack([augment(k, images_b[b]) for b, k in enumerate(data_keys)])
+    else:
+      x = augment(data_key, images_b)
     x = jax.lax.with_sharding_constraint(x, sharding.batch_sharding(mesh))
     return train_step(state, x, labels_b)
 
@@ -134,35 +145,32 @@ def make_train_chunk(exp: Experiment, *, block: int | None = None, train_step=No
     return jax.lax.scan(lambda s, _: body(s, images_u8, labels), state, None, length=num_steps)
 
   state_shardings = jax.tree.map(lambda a: a.sharding, exp.abstract_state)
-  rows = sharding.batch_sharding(mesh)
+  rows = sharding.split_sharding(mesh)
   return jax.jit(chunk, static_argnums=3, donate_argnums=0, in_shardings=(state_shardings, rows, rows),
                  out_shardings=(state_shardings, sharding.replicated(mesh)))
 
 
 def make_eval_fn(exp: Experiment, **sampler_overrides):
   """(params, key) → test logits for the whole split (padded last batch, nothing dropped)."""
-  predict = sampler.make_predict_fn(exp.graphdef, exp.config, **sampler_overrides)
+  predict = classification.make_predict_fn(exp.graphdef, exp.config, **sampler_overrides)
   data_config = exp.config.data
-  batches = sharding.batch_sharding(exp.mesh)
-  # Logits replicated: every process can read them (multi-host) and score the split.
+  batches = sharding.eval_batch_sharding(exp.mesh)
+  # Logits replicated: every process can read them (multi-host) and score the split. The parameters come as
+  # they are (block-parallel: each block on its group; XLA moves what the sampler needs).
   jitted = jax.jit(lambda p, x, k: predict(p, input_pipeline.normalize(x, data_config), k),
                    in_shardings=(None, batches, None), out_shardings=sharding.replicated(exp.mesh))
   # Every process holds the whole test split: each places its devices' rows of a batch.
   to_global = lambda batch: jax.make_array_from_callback(batch.shape, batches, lambda index: batch[index])
   # Rounded up to a multiple of the devices (predict_split pads the batches, so nothing is scored twice).
   batch_size = -(-exp.config.eval.batch_size // exp.mesh.size) * exp.mesh.size
-  gather = lambda params: params
-  if exp.config.parallel_blocks:
-    from diffblocks_jax import parallel_blocks  # pylint: disable=g-import-not-at-top
-    gather = functools.partial(parallel_blocks.gather_params, exp)
   key = jax.random.fold_in(jax.random.key(exp.config.seed), 0xe7a1)
-  return lambda params: sampler.predict_split(jitted, gather(params), exp.data.test_images, batch_size, key,
-                                              preprocess=to_global)
+  return lambda params: classification.predict_split(jitted, sharding.on_device(params), exp.data.test_images,
+                                                     batch_size, key, preprocess=to_global)
 
 
 def evaluate_params(exp: Experiment, params, **sampler_overrides) -> float:
   logits = make_eval_fn(exp, **sampler_overrides)(params)
-  return sampler.accuracy(logits, exp.data.test_labels)
+  return classification.accuracy(logits, exp.data.test_labels)
 
 
 class _Preempted(Exception):
@@ -249,7 +257,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       if need_ckpt:
         save(step)
       if need_eval:
-        accuracy = sampler.accuracy(eval_fn(state.params), exp.data.test_labels)
+        accuracy = classification.accuracy(eval_fn(state.params), exp.data.test_labels)
         writer.write(step, {'eval/accuracy': accuracy})
         result['eval/accuracy'] = accuracy
         if lead:

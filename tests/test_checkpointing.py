@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from diffblocks_jax import optim, steps
+from diffblocks_jax.core import optim, steps
 from diffblocks_jax.checkpointing import Checkpointer, CheckpointError
 
 # After a failed read, TensorStore callbacks can land on Orbax's closed event loop ("Event loop is
@@ -26,7 +26,7 @@ def make_state(seed: int) -> steps.TrainState:
   params = {'blocks': {0: {'w': jax.random.normal(k[0], (64, 64))},
                        1: {'w': jax.random.normal(k[1], (64, 64)), 'b': jnp.full((3,), seed, jnp.float32)}},
             'shared': {'emb': jax.random.normal(k[2], (5, 8)).astype(jnp.bfloat16)}}
-  state = steps.init_state(params, 'dblock', seed)
+  state = steps.init_state(params, seed)
   opt = dict(state.opt_state, shared=state.opt_state['shared'].replace(count=jnp.int32(seed)))
   return state.replace(step=jnp.int32(10 * seed), opt_state=opt)
 

@@ -14,6 +14,7 @@ from scipy import special
 
 from diffblocks_jax import config as config_lib
 from diffblocks_jax import models
+from diffblocks_jax.core import blocks
 from diffblocks_jax.models import dblock
 
 CIFAR_DIMS = dict(image_size=32, channels=3, num_classes=100)
@@ -59,7 +60,7 @@ def test_param_count_independent_blocks():
 
 
 def test_cifar_shapes_match_release():
-  p = abstract_params(cifar_config('dblock'))
+  p = blocks.unstack(abstract_params(cifar_config('dblock')))  # Stacked blocks, read block by block.
   s, layer = p['shared'], p['blocks'][0]['layers'][0]
   shapes = {
       'pos_embed': (s['pos_embed'].shape, (1, 65, 128)),
@@ -99,7 +100,7 @@ def init_category(path: str, kind: str) -> str:
 
 @pytest.mark.parametrize('kind', ['vit', 'dblock'])
 def test_init_statistics(kind):
-  params = flat(models.split(models.build(cifar_config(kind).model, seed=3, **CIFAR_DIMS))[1])
+  params = flat(blocks.unstack(models.split(models.build(cifar_config(kind).model, seed=3, **CIFAR_DIMS))[1]))
   normal = []
   for path, leaf in params.items():
     leaf = np.asarray(leaf, np.float64)
@@ -126,6 +127,7 @@ def test_init_statistics(kind):
 def test_init_independent_copies_identical(tiny_config, tiny_model):
   _, _, params = tiny_model(tiny_config('dblock', model__independent_blocks=True))
   assert 'shared' not in params
+  params = blocks.unstack(params)
   copies = [params['blocks'][b]['shared'] for b in range(3)]
   chex.assert_trees_all_equal(copies[0], copies[1])
   chex.assert_trees_all_equal(copies[0], copies[2])
@@ -249,6 +251,7 @@ def np_vit(params, images, cfg):
 
 
 def np_denoise(params, images, z_t, sigmas, block, cfg, sigma_data=0.5):
+  params = blocks.unstack(params)  # Block by block (a no-op for a list of blocks).
   s = params['blocks'][block]['shared'] if cfg.independent_blocks else params['shared']
   sig = sigmas.astype(np.float64)
   c_skip = sigma_data**2 / (sig**2 + sigma_data**2)
@@ -333,9 +336,9 @@ def test_denoise_reads_only_its_block(tiny_config, tiny_model, tiny_batch, jitte
   fn = lambda p, b: nnx.merge(graphdef, p).denoise(images, z_t, sigmas, b)
 
   def perturbed(which):
-    blocks = {k: jitter_params(v, seed=100 + k, scale=0.5) if k in which else v
-              for k, v in params['blocks'].items()}
-    return dict(params, blocks=blocks)
+    per_block = blocks.unstack(params)['blocks']
+    per_block = {k: jitter_params(v, seed=100 + k, scale=0.5) if k in which else v for k, v in per_block.items()}
+    return blocks.restack(dict(params, blocks=per_block))
 
   for b in range(3):
     reference = fn(params, b)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from diffblocks_jax import config as config_lib
-from diffblocks_jax import optim
+from diffblocks_jax.core import optim
 
 
 def optim_config(**overrides):

@@ -1,4 +1,4 @@
-"""Block-parallel training (parallel_blocks.py): B=3 blocks on 3 fake CPU devices, one block per device.
+"""Block-parallel training (the block axis sharded on 'block'): B=3 blocks on 3 fake CPU devices, one each.
 
 The 3-device run is this file as a script in a subprocess (the device count is fixed before JAX starts);
 the step-level check runs in the test process on its single device.
@@ -51,11 +51,11 @@ def parallel_worker(workdir: str, out: str) -> None:
   report = {'result': result, 'step': int(state.step), 'total_steps': exp.total_steps,
             'steps_per_epoch': exp.steps_per_epoch,
             'restored_accuracy': train.evaluate_params(exp, state.params)}
-  report['block_devices'] = [
-      sorted({d.id for leaf in jax.tree.leaves((state.params['blocks'][b], state.opt_state['blocks'][b]))
-              for d in leaf.devices()}) for b in range(3)]
-  report['block_bytes'] = [sum(leaf.nbytes for leaf in jax.tree.leaves(
-      (state.params['blocks'][b], state.opt_state['blocks'][b]))) for b in range(3)]
+  stacks = jax.tree.leaves((state.params['blocks'], state.opt_state['blocks']))
+  assert all(leaf.shape[0] == 3 for leaf in stacks)  # Independent blocks are stacked: one leading block axis.
+  report['block_devices'] = [sorted({shard.device.id for leaf in stacks for shard in leaf.addressable_shards
+                                     if b in range(3)[shard.index[0]]}) for b in range(3)]
+  report['block_bytes'] = [sum(leaf.nbytes // 3 for leaf in stacks) for b in range(3)]
   held = sharding.bytes_per_device((state.params, state.opt_state))
   report['device_bytes'] = {d.id: n for d, n in held.items()}
 
@@ -97,28 +97,31 @@ def test_three_blocks_on_three_devices(tmp_path):
   assert r['round_trip_equal']
 
 
-def test_own_block_step_matches_whole_model_step(tiny_config, tiny_model, tiny_batch, jitter_params):
-  """On a state holding block b only, the step updates b exactly as the whole-model step (rng folded by b)."""
+def test_parallel_step_equals_each_block_trained_alone(tiny_config, tiny_model, tiny_batch, jitter_params):
+  """The vmapped all-blocks step updates block b exactly as the sequential step fixed to b (rng folded by b)."""
   import jax  # pylint: disable=g-import-not-at-top
-  from diffblocks_jax import optim, parallel_blocks, steps  # pylint: disable=g-import-not-at-top
+  from diffblocks_jax.core import blocks, optim, steps  # pylint: disable=g-import-not-at-top
+  from diffblocks_jax.tasks import classification  # pylint: disable=g-import-not-at-top
   config = tiny_config(model__independent_blocks=True)
   _, graphdef, params = tiny_model(config)
-  state = steps.init_state(jitter_params(params), 'dblock', seed=0)
+  state = steps.init_state(jitter_params(params), seed=0)
   schedule = optim.make_schedule(config.optim, 10, 0)
   images, labels = tiny_batch(8)
-  block = 1
-  step = steps.make_train_step(graphdef, config, schedule, 3, block=block)
-  folded = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state.rng), block))
-  want, want_metrics = jax.jit(step)(state.replace(rng=folded), images, labels)
-  own = parallel_blocks.own_block_step(step, jax.eval_shape(lambda: state), block)
-  part = parallel_blocks._block_state(state, block, state.step, state.rng)  # pylint: disable=protected-access
-  got, got_metrics = jax.jit(own)(part, images, labels)
-  assert set(got.params['blocks']) == {block} and int(got.step) == 1
+  per_block = [tiny_batch(8, seed=b) for b in range(3)]  # Each block its own batch.
+  parallel = steps.make_parallel_step(graphdef, classification.Classification.from_config(config),
+                                      classification.partition(config), config.optim, schedule)
+  got, got_metrics = jax.jit(parallel)(state, np.stack([x for x, _ in per_block]),
+                                       np.stack([y for _, y in per_block]))
+  assert int(got.step) == 1 and int(got_metrics['block']) == -1
+  close = lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+  for b, (images, labels) in enumerate(per_block):
+    step = classification.make_train_step(graphdef, config, schedule, block=b)
+    folded = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state.rng), b))
+    want, want_metrics = jax.jit(step)(state.replace(rng=folded), images, labels)
+    jax.tree.map(close, blocks.block_tree(got.params, b), blocks.block_tree(want.params, b))
+    jax.tree.map(close, blocks.block_tree(got.opt_state, b), blocks.block_tree(want.opt_state, b))
+    close(got_metrics[f'loss_block{b}'], want_metrics['loss'])
   np.testing.assert_array_equal(got.rng, state.rng)  # The state's own rng is unchanged.
-  chex_close = lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
-  jax.tree.map(chex_close, got.params['blocks'][block], want.params['blocks'][block])
-  jax.tree.map(chex_close, got.opt_state['blocks'][block], want.opt_state['blocks'][block])
-  chex_close(got_metrics['loss'], want_metrics['loss'])
 
 
 def test_too_few_devices_is_named():

@@ -12,7 +12,8 @@ import pytest
 from flax import nnx
 from scipy import stats
 
-from diffblocks_jax import diffusion, sampler
+from diffblocks_jax import diffusion
+from diffblocks_jax.tasks import classification
 from diffblocks_jax.models import dblock
 
 NUM_BLOCKS, HIDDEN, N = 3, 24, 4
@@ -91,7 +92,7 @@ def test_sampler_visits_blocks(setup, denoise_calls, num_steps, blocks):
   config, graphdef, params, _, images = setup
   config = config.copy_and_resolve_references()
   config.eval.num_inference_steps = num_steps
-  predict = jax.jit(sampler.make_predict_fn(graphdef, config))
+  predict = jax.jit(classification.make_predict_fn(graphdef, config))
   jax.block_until_ready(predict(params, images, jax.random.key(0)))
   assert denoise_calls == [(b, N) for b in blocks]
   schedule = diffusion.inference_sigmas(num_steps or NUM_BLOCKS)
@@ -103,7 +104,7 @@ def test_sampler_visits_blocks(setup, denoise_calls, num_steps, blocks):
 
 def test_guidance_batches_unconditional_pass(setup, denoise_calls):
   config, graphdef, params, _, images = setup
-  predict = jax.jit(sampler.make_predict_fn(graphdef, config, cfg_scale=2.0))
+  predict = jax.jit(classification.make_predict_fn(graphdef, config, cfg_scale=2.0))
   jax.block_until_ready(predict(params, images, jax.random.key(0)))
   assert denoise_calls == [(b, 2 * N) for b in (0, 1, 2)]  # one pass per step, cond + uncond batched
 
@@ -114,7 +115,7 @@ def test_guidance_batches_unconditional_pass(setup, denoise_calls):
 def test_sample_matches_reference(setup, num_steps, normalized, cfg_scale):
   _, _, _, model, images = setup
   key = jax.random.key(3)
-  logits = sampler.sample(model, images, key, num_steps=num_steps, edm=diffusion.DEFAULT_EDM,
+  logits = classification.sample(model, images, key, num_steps=num_steps, edm=diffusion.DEFAULT_EDM,
                           normalized_embeddings=normalized, cfg_scale=cfg_scale)
   expected, visited = reference_sample(model, images, key, num_steps, normalized, cfg_scale)
   assert visited == [diffusion.route_static(s, NUM_BLOCKS) for s in diffusion.inference_sigmas(num_steps)]
@@ -130,10 +131,10 @@ def test_guided_logits(setup):
   l0 = np.asarray(model.denoise(jnp.zeros_like(images), z, sigmas, 1), np.float64)
   assert np.max(np.abs(lx - l0)) > 1e-3  # the image matters, so guidance changes something
   # s = 1: exactly the plain conditional pass.
-  chex.assert_trees_all_equal(sampler.guided_logits(model, images, z, 0.3012, 1, 1.0),
+  chex.assert_trees_all_equal(classification.guided_logits(model, images, z, 0.3012, 1, 1.0),
                               model.denoise(images, z, sigmas, 1))
   for s in (0.0, 1.5, 3.0):
-    np.testing.assert_allclose(sampler.guided_logits(model, images, z, 0.3012, 1, s), l0 + s * (lx - l0),
+    np.testing.assert_allclose(classification.guided_logits(model, images, z, 0.3012, 1, s), l0 + s * (lx - l0),
                                rtol=1e-5, atol=1e-5)
 
 
@@ -141,8 +142,8 @@ def test_normalized_embeddings_change_predictions(setup):
   _, _, _, model, images = setup
   key = jax.random.key(4)
   kwargs = dict(num_steps=3, edm=diffusion.DEFAULT_EDM)
-  raw = sampler.sample(model, images, key, normalized_embeddings=False, **kwargs)
-  norm = sampler.sample(model, images, key, normalized_embeddings=True, **kwargs)
+  raw = classification.sample(model, images, key, normalized_embeddings=False, **kwargs)
+  norm = classification.sample(model, images, key, normalized_embeddings=True, **kwargs)
   assert np.max(np.abs(np.asarray(raw) - np.asarray(norm))) > 1e-3
   # The final step's block is the same; only the path through z differs.
   table = np.asarray(model.label_embeddings(0))
@@ -151,7 +152,7 @@ def test_normalized_embeddings_change_predictions(setup):
 
 def test_trajectory(setup):
   _, _, _, model, images = setup
-  logits, traj = sampler.sample(model, images, jax.random.key(2), num_steps=3, edm=diffusion.DEFAULT_EDM,
+  logits, traj = classification.sample(model, images, jax.random.key(2), num_steps=3, edm=diffusion.DEFAULT_EDM,
                                 return_trajectory=True)
   assert traj.shape == (N, 3, 5)
   np.testing.assert_allclose(traj.sum(-1), 1.0, rtol=1e-5)
@@ -162,7 +163,7 @@ def test_vit_predict_fn(tiny_config, tiny_model, tiny_batch):
   config = tiny_config('vit')
   model, graphdef, params = tiny_model(config)
   images = jnp.asarray(tiny_batch(3)[0])
-  predict = sampler.make_predict_fn(graphdef, config)
+  predict = classification.make_predict_fn(graphdef, config)
   chex.assert_trees_all_close(predict(params, images, jax.random.key(0)), model(images), rtol=1e-6)
 
 
@@ -184,7 +185,7 @@ def test_predict_split_scores_every_example(n, batch_size):
   images = np.arange(n * 2 * 2 * 1, dtype=np.uint8).reshape(n, 2, 2, 1) + 1
   # A stand-in predictor: row i of its output is image i's pixels, so any drop/shift/padding shows.
   predict, traces = counting_jit(lambda params, x, key: x.reshape(x.shape[0], -1).astype(jnp.float32) * params)
-  out = sampler.predict_split(predict, jnp.float32(2.0), images, batch_size, jax.random.key(0),
+  out = classification.predict_split(predict, jnp.float32(2.0), images, batch_size, jax.random.key(0),
                               preprocess=lambda x: x)
   assert out.shape == (n, 4)
   np.testing.assert_array_equal(out, 2.0 * images.reshape(n, -1))
@@ -196,12 +197,12 @@ def test_predict_split_accuracy_over_all_examples():
   labels = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1])  # 11: not a multiple of 4
   images = labels.reshape(-1, 1, 1, 1).astype(np.uint8)
   predict = jax.jit(lambda params, x, key: jax.nn.one_hot(x.reshape(-1), 3))
-  logits = sampler.predict_split(predict, None, images, 4, jax.random.key(0))
+  logits = classification.predict_split(predict, None, images, 4, jax.random.key(0))
   np.testing.assert_array_equal(np.argmax(logits, -1), labels)
-  assert sampler.accuracy(logits, labels) == 1.0
+  assert classification.accuracy(logits, labels) == 1.0
   wrong = labels.copy()
   wrong[-1] = 0  # the last (padded-batch) example counts: 10 / 11
-  assert sampler.accuracy(logits, wrong) == pytest.approx(10 / 11)
+  assert classification.accuracy(logits, wrong) == pytest.approx(10 / 11)
 
 
 def test_predict_split_with_sampler(setup):
@@ -209,9 +210,9 @@ def test_predict_split_with_sampler(setup):
   config, graphdef, params, model, _ = setup
   images_u8 = (np.random.default_rng(5).random((7, 8, 8, 3)) * 255).astype(np.uint8)
   preprocess = lambda x: x.astype(np.float32) / 255.0 - 0.5  # applied to each (padded) host batch
-  predict, traces = counting_jit(sampler.make_predict_fn(graphdef, config))
+  predict, traces = counting_jit(classification.make_predict_fn(graphdef, config))
   key = jax.random.key(6)
-  out = sampler.predict_split(predict, params, images_u8, 3, key, preprocess=preprocess)
+  out = classification.predict_split(predict, params, images_u8, 3, key, preprocess=preprocess)
   assert out.shape == (7, 5) and len(traces) == 1
   for i, start in enumerate(range(0, 7, 3)):
     batch = images_u8[start:start + 3]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -10,7 +12,9 @@ import optax
 import pytest
 from flax import nnx
 
-from diffblocks_jax import diffusion, optim, steps
+from diffblocks_jax import diffusion
+from diffblocks_jax.core import blocks, optim, steps
+from diffblocks_jax.tasks import classification
 
 NUM_BLOCKS = 3
 BATCH = 8
@@ -36,14 +40,13 @@ class Setup:
     self.config = tiny_config(kind, optim__lr=3e-3, **overrides)
     _, self.graphdef, self.params = tiny_model(self.config)
     self.schedule = optim.make_schedule(self.config.optim, total_steps=1000, warmup_steps=0)
-    self.step = jax.jit(steps.make_train_step(self.graphdef, self.config, self.schedule,
-                                              NUM_BLOCKS if kind == 'dblock' else 1))
+    self.step = jax.jit(classification.make_train_step(self.graphdef, self.config, self.schedule))
     graphdef = self.graphdef
     self.denoise = jax.jit(lambda p, x, z, s, key, b: nnx.merge(graphdef, p).denoise(x, z, s, b, key=key),
                            static_argnums=5)
 
   def state(self, params=None, seed=0):
-    return steps.init_state(self.params if params is None else params, self.config.model.kind, seed)
+    return steps.init_state(self.params if params is None else params, seed)
 
 
 @pytest.fixture(scope='module')
@@ -58,13 +61,15 @@ def batch(tiny_batch):
 
 
 def test_opt_state_layout(dblock_setup):
+  """Stacked blocks: one Adam group over the stacks with a count per block; the shared parts their own."""
   state = dblock_setup.state()
   assert sorted(state.opt_state) == ['blocks', 'shared']
-  assert sorted(state.opt_state['blocks']) == list(range(NUM_BLOCKS))
-  for group in [state.opt_state['shared'], *state.opt_state['blocks'].values()]:
-    assert isinstance(group, optim.AdamState) and int(group.count) == 0
+  group = state.opt_state['blocks']
+  assert isinstance(group, optim.AdamState) and group.count.shape == (NUM_BLOCKS,)
+  assert np.all(np.asarray(group.count) == 0) and int(state.opt_state['shared'].count) == 0
   chex.assert_trees_all_equal_shapes(state.opt_state['shared'].mu, state.params['shared'])
-  chex.assert_trees_all_equal_shapes(state.opt_state['blocks'][1].nu, state.params['blocks'][1])
+  chex.assert_trees_all_equal_shapes(group.nu, state.params['blocks'])
+  assert all(leaf.shape[0] == NUM_BLOCKS for leaf in jax.tree.leaves(state.params['blocks']))
 
 
 def test_dblock_step_updates_only_its_block(dblock_setup, batch, jitter_params):
@@ -79,20 +84,19 @@ def test_dblock_step_updates_only_its_block(dblock_setup, batch, jitter_params):
     assert int(new.step) == i + 1
     assert np.isfinite(float(metrics['loss'])) and float(metrics['grad_norm']) > 0
     assert_all_changed(state.params['shared'], new.params['shared'], f'step {i}: shared params')
-    assert_all_changed(state.params['blocks'][b], new.params['blocks'][b], f'step {i}: block {b} params')
-    old_groups, new_groups = state.opt_state['blocks'], new.opt_state['blocks']
+    assert_all_changed(blocks.block_tree(state.params, b), blocks.block_tree(new.params, b), f'step {i}: block {b} params')
     for k in range(NUM_BLOCKS):
       if k == b:
         continue
-      chex.assert_trees_all_equal(new.params['blocks'][k], state.params['blocks'][k])
-      chex.assert_trees_all_equal(new_groups[k], old_groups[k])  # count, mu and nu
-    assert int(new_groups[b].count) == int(old_groups[b].count) + 1
-    assert_all_changed(old_groups[b].mu, new_groups[b].mu, f'step {i}: block {b} mu')
+      chex.assert_trees_all_equal(blocks.block_tree(new.params, k), blocks.block_tree(state.params, k))
+      chex.assert_trees_all_equal(blocks.block_tree(new.opt_state, k), blocks.block_tree(state.opt_state, k))  # count, mu and nu
+    assert int(blocks.block_tree(new.opt_state, b).count) == int(blocks.block_tree(state.opt_state, b).count) + 1
+    assert_all_changed(blocks.block_tree(state.opt_state, b).mu, blocks.block_tree(new.opt_state, b).mu, f'step {i}: block {b} mu')
     assert int(new.opt_state['shared'].count) == i + 1
     state = new
   counts = np.bincount(chosen, minlength=NUM_BLOCKS)
   assert np.all(counts > 0), f'a block was never drawn in 24 steps: {chosen}'
-  assert [int(state.opt_state['blocks'][k].count) for k in range(NUM_BLOCKS)] == counts.tolist()
+  assert [int(blocks.block_tree(state.opt_state, k).count) for k in range(NUM_BLOCKS)] == counts.tolist()
 
 
 def test_dblock_step_is_deterministic(dblock_setup, batch, jitter_params):
@@ -155,19 +159,23 @@ def test_step_loss_is_batch_mean(dblock_setup, batch, jitter_params):
 
 @pytest.mark.parametrize('weighting', ['batch_mean', 'per_sample'])
 def test_dblock_loss_weighting(dblock_setup, batch, jitter_params, weighting):
-  """`steps.dblock_loss` under both settings (per_sample = mean(w·ce), the paper's formula)."""
-  config = dblock_setup.config.copy_and_resolve_references()
-  config.diffusion.loss_weighting = weighting
+  """The classification task's loss under both settings (per_sample = mean(w·ce), the paper's formula)."""
+  task = classification.Classification(loss_weighting=weighting)
   graphdef = dblock_setup.graphdef
-  loss_fn = jax.jit(lambda p, x, y, s, n, k, b: steps.dblock_loss(nnx.merge(graphdef, p), x, y, s, n, b, config, k),
-                    static_argnums=6)
+
+  def loss_fn(p, x, y, s, n, k, b):
+    model = nnx.merge(graphdef, p)
+    z_t = task.target(model, y, b) + s[:, None] * n
+    return task.loss(task.denoise(model, x, z_t, s, b, k), y, s)
+
+  loss_fn = jax.jit(loss_fn, static_argnums=6)
   params = jitter_params(dblock_setup.params, scale=0.1)
   for seed in (0, 1):
     state = dblock_setup.state(params, seed=seed)
     sigmas, block, noise, dropout_key = _step_draws(dblock_setup, state)
-    loss, ce = loss_fn(params, *batch, sigmas, noise, dropout_key, int(block))
+    loss, aux = loss_fn(params, *batch, sigmas, noise, dropout_key, int(block))
     _, expected = expected_losses(dblock_setup, state, *batch)
-    np.testing.assert_allclose(float(ce), expected['ce'], rtol=1e-4)
+    np.testing.assert_allclose(float(aux['ce']), expected['ce'], rtol=1e-4)
     np.testing.assert_allclose(float(loss), expected[weighting], rtol=1e-4)
 
 
@@ -215,21 +223,115 @@ def test_independent_blocks_step(tiny_config, tiny_model, batch, jitter_params):
   setup = Setup(tiny_config, tiny_model, model__independent_blocks=True)
   state = setup.state(jitter_params(setup.params, seed=5))
   assert 'shared' not in state.params and 'shared' not in state.opt_state
-  assert all('shared' in state.params['blocks'][k] for k in range(NUM_BLOCKS))
+  assert all('shared' in blocks.block_tree(state.params, k) for k in range(NUM_BLOCKS))
   chosen = []
   for i in range(12):
     new, metrics = setup.step(state, *batch)
     b = int(metrics['block'])
     chosen.append(b)
-    assert_all_changed(state.params['blocks'][b], new.params['blocks'][b], f'step {i}: block {b}')
-    assert_all_changed(state.params['blocks'][b]['shared'], new.params['blocks'][b]['shared'],
+    assert_all_changed(blocks.block_tree(state.params, b), blocks.block_tree(new.params, b), f'step {i}: block {b}')
+    assert_all_changed(blocks.block_tree(state.params, b)['shared'], blocks.block_tree(new.params, b)['shared'],
                        f'step {i}: block {b} shared copy')
     for k in range(NUM_BLOCKS):
       if k != b:
-        chex.assert_trees_all_equal(new.params['blocks'][k], state.params['blocks'][k])
-        chex.assert_trees_all_equal(new.opt_state['blocks'][k], state.opt_state['blocks'][k])
-    assert int(new.opt_state['blocks'][b].count) == int(state.opt_state['blocks'][b].count) + 1
+        chex.assert_trees_all_equal(blocks.block_tree(new.params, k), blocks.block_tree(state.params, k))
+        chex.assert_trees_all_equal(blocks.block_tree(new.opt_state, k), blocks.block_tree(state.opt_state, k))
+    assert int(blocks.block_tree(new.opt_state, b).count) == int(blocks.block_tree(state.opt_state, b).count) + 1
     state = new
-  assert [int(state.opt_state['blocks'][k].count) for k in range(NUM_BLOCKS)] == \
+  assert [int(blocks.block_tree(state.opt_state, k).count) for k in range(NUM_BLOCKS)] == \
       np.bincount(chosen, minlength=NUM_BLOCKS).tolist()
   assert len(set(chosen)) == NUM_BLOCKS
+
+
+# ------------------------------------------------------------------------------ stacked blocks (core/blocks.py)
+
+def list_layout_setup(setup):
+  """The same model (same seed, so the same initial parameters) with its blocks as a list: the switch path."""
+  from diffblocks_jax.models import dblock  # pylint: disable=g-import-not-at-top
+  from conftest import TINY_DIMS  # pylint: disable=g-import-not-at-top
+  model = dblock.DiffusionBlocksViT(setup.config.model, rngs=nnx.Rngs(0), stack=False, **TINY_DIMS)
+  graphdef, params = nnx.split(model)
+  params = nnx.to_pure_dict(params)
+  step = jax.jit(classification.make_train_step(graphdef, setup.config, setup.schedule))
+  return params, step
+
+
+def test_stacked_and_switched_blocks_give_the_same_updates(dblock_setup, batch, jitter_params):
+  """Stacked rows sliced and written in place ≡ a lax.switch over a list of blocks, step after step."""
+  list_params, list_step = list_layout_setup(dblock_setup)
+  chex.assert_trees_all_equal(blocks.restack(list_params), dblock_setup.params)  # Same init, other layout.
+  stacked = dblock_setup.state(jitter_params(dblock_setup.params, seed=7))
+  listed = steps.init_state(blocks.unstack(stacked.params), 0)
+  drawn = set()
+  for _ in range(12):
+    stacked, m_stacked = dblock_setup.step(stacked, *batch)
+    listed, m_listed = list_step(listed, *batch)
+    assert int(m_stacked['block']) == int(m_listed['block'])
+    drawn.add(int(m_stacked['block']))
+    np.testing.assert_allclose(float(m_stacked['loss']), float(m_listed['loss']), rtol=1e-5)
+  assert drawn == set(range(NUM_BLOCKS))
+  close = lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+  jax.tree.map(close, blocks.unstack(stacked.params), listed.params)
+  for b in range(NUM_BLOCKS):
+    jax.tree.map(close, blocks.block_tree(stacked.opt_state, b), listed.opt_state['blocks'][b])
+
+
+_HLO_INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(\w+\[[\d,]*\])(?:\{[^}]*\})?\s+([\w\-]+)\(')
+
+
+def stacked_copies(hlo: str, state) -> list[str]:
+  """HLO `copy` instructions whose result has the shape of a block-stacked leaf (rank >= 2, leading B)."""
+  names = {jnp.dtype(jnp.float32): 'f32', jnp.dtype(jnp.int32): 's32'}
+  shapes = {f'{names[x.dtype]}[{",".join(map(str, x.shape))}]' for x in jax.tree.leaves(state)
+            if x.ndim >= 2 and x.shape[0] == NUM_BLOCKS}
+  assert shapes, 'no block-stacked leaves to look for'
+  return [line for line in hlo.splitlines()
+          if (m := _HLO_INSTRUCTION.match(line)) and m[2] in ('copy', 'copy-start') and m[1] in shapes]
+
+
+def test_compiled_step_copies_no_block_stack(dblock_setup, batch):
+  """The drawn block's row is written in place: no copy of any stacked parameter or Adam moment."""
+  state = dblock_setup.state()
+  step = classification.make_train_step(dblock_setup.graphdef, dblock_setup.config, dblock_setup.schedule)
+  hlo = jax.jit(step, donate_argnums=0).lower(state, *batch).compile().as_text()
+  assert 'dynamic-update-slice' in hlo  # The checker looks at a program that does write rows.
+  assert not stacked_copies(hlo, (state.params['blocks'], state.opt_state['blocks'])), \
+      stacked_copies(hlo, (state.params['blocks'], state.opt_state['blocks']))[:5]
+
+
+def test_stacked_copy_checker_sees_a_copy():
+  """The HLO check above can fail: a row written while the old stack is still read forces a copy, caught."""
+  stack = jnp.zeros((NUM_BLOCKS, 24, 24))
+
+  def write_and_read_old(x):
+    return jax.lax.dynamic_update_slice_in_dim(x, jnp.ones((1, 24, 24)), 1, 0), jnp.sum(x)
+
+  hlo = jax.jit(write_and_read_old, donate_argnums=0).lower(stack).compile().as_text()
+  assert stacked_copies(hlo, stack)
+
+
+def test_offloaded_blocks_give_the_same_updates(dblock_setup, batch, jitter_params):
+  """`train.offload_idle_blocks`: the stacks live in host memory, a row at a time on the device; same results.
+
+  On CPU every memory kind is the same RAM, so this checks the program (fetch/store around every row), not
+  the bytes saved: the benchmark reports those.
+  """
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  device = jax.local_devices()[0]
+  mesh = jax.sharding.Mesh(np.array([device]), ('data',))
+  here, host = NamedSharding(mesh, P()), NamedSharding(mesh, P(), memory_kind='pinned_host')
+  state = dblock_setup.state(jitter_params(dblock_setup.params, seed=2))
+  place = lambda tree: dict(jax.tree.map(lambda _: here, tree), blocks=jax.tree.map(lambda _: host, tree['blocks']))
+  shardings = state.replace(step=here, rng=here, params=place(state.params), opt_state=place(state.opt_state))
+  step = classification.make_train_step(dblock_setup.graphdef, dblock_setup.config, dblock_setup.schedule,
+                                        placement=blocks.Placement(host=True))
+  offloaded = jax.jit(step, in_shardings=(shardings, here, here), out_shardings=(shardings, here))
+  host_state = jax.device_put(state, shardings)
+  assert host_state.params['blocks']['layers'][0]['attn']['query']['kernel'].sharding.memory_kind == 'pinned_host'
+  for _ in range(6):
+    state, m_plain = dblock_setup.step(state, *batch)
+    host_state, m_host = offloaded(host_state, *batch)
+    assert int(m_plain['block']) == int(m_host['block'])
+  leaf = host_state.opt_state['blocks'].mu['layers'][0]['mlp']['fc1']['kernel']
+  assert leaf.sharding.memory_kind == 'pinned_host'  # Still on the host after the updates.
+  chex.assert_trees_all_close(jax.device_get(host_state), jax.device_get(state), rtol=1e-6, atol=1e-7)

@@ -1,10 +1,8 @@
 """The DiffusionBlocks model: a time-conditioned ViT whose layers are cut into B blocks (SPEC §3).
 
-Parameter tree (`nnx.split` → pure dict):
-  shared blocks   {'shared': {...}, 'blocks': {b: {'layers': {...}}}}          (release default)
-  independent     {'blocks': {b: {'layers': {...}, 'shared': {...}}}}          (`independent_blocks`)
-`denoise(..., block=b)` reads only the shared parts and block b, so a step on block b never touches the
-other blocks' parameters and never builds their activations.
+Built on the generic wrapper `core.blocks.DiffusionBlocks`: the adaLN ViT layers are its layers, `SharedParts`
+(patch and label embeddings, time embedder, final norm, modulation, head) its outer parts. Parameter tree:
+see `core/blocks.py` (blocks of equal depth are stacked on a leading block axis).
 """
 
 from __future__ import annotations
@@ -16,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from diffblocks_jax import diffusion
+from diffblocks_jax.core import blocks
 from diffblocks_jax.models import vit
 
 TIME_FREQUENCY_DIM = 256
@@ -36,10 +35,12 @@ def partition_layers(num_layers: int, num_blocks: int, layers_per_block: Sequenc
 
 
 class SharedParts(nnx.Module):
-  """Everything outside the layers: embeddings, label table E, time embedder, output head."""
+  """Everything outside the layers: embeddings, label table E, time embedder, output head; and how a block's
+  layers run between them (`__call__`)."""
 
   def __init__(self, cfg, *, image_size: int, channels: int, num_classes: int, dtype, rngs: nnx.Rngs):
     h = cfg.hidden_size
+    self.dtype, self.dropout, self.label_token = dtype, cfg.dropout, cfg.label_token
     self.cond_dim = h // 6
     self.patch = vit.PatchEmbed(channels, h, cfg.patch_size, dtype, rngs)
     num_tokens = (image_size // cfg.patch_size)**2 + 1
@@ -58,68 +59,51 @@ class SharedParts(nnx.Module):
     t = diffusion.timestep_embedding(c_noise, TIME_FREQUENCY_DIM).astype(self.time_fc1.dtype)
     return jax.nn.silu(self.time_fc2(jax.nn.silu(self.time_fc1(t))))
 
-
-class Block(nnx.Module):
-  """A contiguous run of adaLN layers; owns a copy of the shared parts when blocks are independent."""
-
-  def __init__(self, cfg, num_layers: int, cond_dim: int, dtype, rngs: nnx.Rngs, shared=None):
-    self.layers = nnx.List([vit.Layer(cfg, dtype, rngs, cond_dim=cond_dim) for _ in range(num_layers)])
-    self.shared = shared
-
-
-class DiffusionBlocksViT(nnx.Module):
-  """B blocks that each denoise the label embedding over one slice of noise levels (SPEC §3)."""
-
-  def __init__(self, cfg, *, image_size: int, channels: int, num_classes: int, rngs: nnx.Rngs,
-               dtype=jnp.float32):
-    if cfg.label_token not in ('replace', 'concat'):
-      raise ValueError(f"model.label_token must be 'replace' or 'concat', got {cfg.label_token!r}")
-    self.dtype, self.dropout, self.label_token = dtype, cfg.dropout, cfg.label_token
-    self.layer_counts = partition_layers(cfg.num_layers, cfg.num_blocks, cfg.layers_per_block)
-    make_shared = lambda r: SharedParts(cfg, image_size=image_size, channels=channels,
-                                        num_classes=num_classes, dtype=dtype, rngs=r)
-    cond_dim = cfg.hidden_size // 6
-    if cfg.independent_blocks:
-      # Every copy starts from the same draw, so all blocks begin in one label-embedding space.
-      self.shared = None
-      shared_key = rngs.params()
-      copies = [make_shared(nnx.Rngs(params=shared_key)) for _ in self.layer_counts]
-    else:
-      self.shared = make_shared(rngs)
-      copies = [None] * len(self.layer_counts)
-    self.blocks = nnx.List([Block(cfg, n, cond_dim, dtype, rngs, shared=s)
-                            for n, s in zip(self.layer_counts, copies)])
-
-  @property
-  def num_blocks(self) -> int:
-    return len(self.layer_counts)
-
-  def shared_parts(self, block: int) -> SharedParts:
-    return self.shared if self.shared is not None else self.blocks[block].shared
-
-  def label_embeddings(self, block: int = 0) -> jax.Array:
-    """The raw label table E (num_classes, hidden) that block `block` sees."""
-    return self.shared_parts(block).label_embed[...]
-
-  def denoise(self, images: jax.Array, z_t: jax.Array, sigmas: jax.Array, block: int, *,
-              key: jax.Array | None = None) -> jax.Array:
-    """Logits of block `block` (a Python int) for NHWC images, noisy labels z_t (N, hidden), σ (N,)."""
-    shared, keys = self.shared_parts(block), vit.KeyStream(key)
+  def __call__(self, layers: blocks.Block, images: jax.Array, z_t: jax.Array, sigmas: jax.Array, *,
+               key: jax.Array | None = None) -> jax.Array:
+    """Logits of `layers` for NHWC images, noisy labels z_t (N, hidden) and σ (N,) (SPEC §3)."""
+    keys = vit.KeyStream(key)
     c_skip, c_out, c_in, c_noise = diffusion.preconditioning(sigmas)
-    x = shared.patch(images.astype(self.dtype))
+    x = self.patch(images.astype(self.dtype))
     label_token = (c_in[:, None] * z_t)[:, None, :].astype(x.dtype)
     if self.label_token == 'replace':
       x = jnp.concatenate([label_token, x], axis=1)  # The noisy label takes the CLS slot (release).
     else:
-      cls = jnp.broadcast_to(shared.cls_token[...], label_token.shape).astype(x.dtype)
+      cls = jnp.broadcast_to(self.cls_token[...], label_token.shape).astype(x.dtype)
       x = jnp.concatenate([cls, x, label_token], axis=1)
-    x = vit.dropout(x + shared.pos_embed[...].astype(x.dtype), self.dropout, keys())
-    cond = shared.condition(c_noise)
-    for layer in self.blocks[block].layers:
-      x = layer(x, keys, cond)
-    h = shared.norm(x)[:, 0].astype(jnp.float32)
+    x = vit.dropout(x + self.pos_embed[...].astype(x.dtype), self.dropout, keys())
+    cond = self.condition(c_noise)
+    x = layers(x, keys, cond)
+    h = self.norm(x)[:, 0].astype(jnp.float32)
     out = c_out[:, None] * h + c_skip[:, None] * z_t
-    shift, scale = jnp.split(jax.nn.silu(shared.modulation(cond)).astype(jnp.float32), 2, axis=-1)
+    shift, scale = jnp.split(jax.nn.silu(self.modulation(cond)).astype(jnp.float32), 2, axis=-1)
     out = out * (1 + scale) + shift
-    return shared.head(out.astype(self.dtype)).astype(jnp.float32)
+    return self.head(out.astype(self.dtype)).astype(jnp.float32)
 
+
+class DiffusionBlocksViT(blocks.DiffusionBlocks):
+  """B blocks of adaLN ViT layers that each denoise the label embedding over one slice of noise (SPEC §3)."""
+
+  def __init__(self, cfg, *, image_size: int, channels: int, num_classes: int, rngs: nnx.Rngs,
+               dtype=jnp.float32, stack: bool | None = None):
+    if cfg.label_token not in ('replace', 'concat'):
+      raise ValueError(f"model.label_token must be 'replace' or 'concat', got {cfg.label_token!r}")
+    cond_dim = cfg.hidden_size // 6
+    super().__init__(
+        lambda r: vit.Layer(cfg, dtype, r, cond_dim=cond_dim),
+        partition_layers(cfg.num_layers, cfg.num_blocks, cfg.layers_per_block),
+        make_outer=lambda r: SharedParts(cfg, image_size=image_size, channels=channels, num_classes=num_classes,
+                                         dtype=dtype, rngs=r),
+        independent=cfg.independent_blocks, rngs=rngs, stack=stack)
+
+  def shared_parts(self, block) -> SharedParts:
+    return self.outer(self.block(block))
+
+  def label_embeddings(self, block=0) -> jax.Array:
+    """The raw label table E (num_classes, hidden) that block `block` sees."""
+    return self.shared_parts(block).label_embed[...]
+
+  def denoise(self, images: jax.Array, z_t: jax.Array, sigmas: jax.Array, block, *,
+              key: jax.Array | None = None) -> jax.Array:
+    """Logits of block `block` (a Python int, or traced when blocks are stacked)."""
+    return super().denoise(images, z_t, sigmas, block=block, key=key)

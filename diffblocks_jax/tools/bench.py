@@ -38,8 +38,9 @@ import numpy as np
 from ml_collections import config_flags
 
 from diffblocks_jax import config as config_lib
-from diffblocks_jax import sampler, sharding, steps, train
+from diffblocks_jax import sharding, train
 from diffblocks_jax.data import input_pipeline
+from diffblocks_jax.tasks import classification
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Benchmark this config instead of a suite.',
                                           lock_config=True)
@@ -135,7 +136,7 @@ def step_memory(exp: train.Experiment, block: int | None = None,
                 compiler_options: dict | None = None) -> dict[str, int | None]:
   """Compiled memory of one training step (state donated, batch already augmented); nothing runs."""
   c = exp.config
-  step = steps.make_train_step(exp.graphdef, c, exp.schedule, exp.num_blocks, block=block)
+  step = train.make_train_step(exp, block=block)
   images = jax.ShapeDtypeStruct((c.train.batch_size, exp.data.image_size, exp.data.image_size,
                                  exp.data.channels), jnp.float32)
   labels = jax.ShapeDtypeStruct((c.train.batch_size,), jnp.int32)
@@ -176,7 +177,7 @@ def _time_train(exp: train.Experiment, block: int | None, windows: int, num_step
 
 
 def _time_eval(exp: train.Experiment, windows: int, num_steps: int, options, states: dict[str, Any]):
-  predict = sampler.make_predict_fn(exp.graphdef, exp.config)
+  predict = classification.make_predict_fn(exp.graphdef, exp.config)
   data_config = exp.config.data
   fn = jax.jit(lambda p, x, k: predict(p, input_pipeline.normalize(x, data_config), k))
   kind = exp.config.model.kind

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from diffblocks_jax.core import blocks
+
 PyTree = Any
 
 
@@ -31,12 +33,16 @@ def init_group(params: PyTree) -> AdamState:
                    nu=jax.tree.map(zeros, params))
 
 
-def adamw(params: PyTree, grads: PyTree, state: AdamState, lr: jax.Array, optim_config):
-  """One torch.optim.AdamW update of a group: decoupled decay, then the bias-corrected Adam step."""
+def moments(mu: PyTree, nu: PyTree, grads: PyTree, optim_config) -> tuple[PyTree, PyTree]:
+  """Adam's first and second moments after one more gradient."""
+  b1, b2 = optim_config.b1, optim_config.b2
+  return (jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, mu, grads),
+          jax.tree.map(lambda v, g: b2 * v + (1 - b2) * jnp.square(g), nu, grads))
+
+
+def apply_moments(params: PyTree, mu: PyTree, nu: PyTree, count: jax.Array, lr: jax.Array, optim_config):
+  """Decoupled decay, then the bias-corrected Adam step for the `count`-th update."""
   b1, b2, eps, wd = optim_config.b1, optim_config.b2, optim_config.eps, optim_config.weight_decay
-  count = state.count + 1
-  mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, grads)
-  nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * jnp.square(g), state.nu, grads)
   t = count.astype(jnp.float32)
   step_size = lr / (1 - b1**t)
   sqrt_bc2 = jnp.sqrt(1 - b2**t)
@@ -45,7 +51,44 @@ def adamw(params: PyTree, grads: PyTree, state: AdamState, lr: jax.Array, optim_
     p = p * (1 - lr * wd)
     return p - step_size * m / (jnp.sqrt(v) / sqrt_bc2 + eps)
 
-  return jax.tree.map(update, params, mu, nu), AdamState(count=count, mu=mu, nu=nu)
+  return jax.tree.map(update, params, mu, nu)
+
+
+def adamw(params: PyTree, grads: PyTree, state: AdamState, lr: jax.Array, optim_config):
+  """One torch.optim.AdamW update of a group: decoupled decay, then the bias-corrected Adam step."""
+  count = state.count + 1
+  mu, nu = moments(state.mu, state.nu, grads, optim_config)
+  return apply_moments(params, mu, nu, count, lr, optim_config), AdamState(count=count, mu=mu, nu=nu)
+
+
+def init_stacked_group(params: PyTree) -> AdamState:
+  """Adam state of block-stacked parameters: moments stacked like them, one count per block."""
+  num_blocks = jax.tree.leaves(params)[0].shape[0]
+  return init_group(params).replace(count=jnp.zeros((num_blocks,), jnp.int32))
+
+
+def adamw_row(params: PyTree, grads: PyTree, state: AdamState, b: jax.Array, lr: jax.Array, optim_config,
+              *, after: PyTree = (), placement=None):
+  """`adamw` of row b of block-stacked params and state (grads: that row, leading axis 1), written in place.
+
+  The order keeps XLA from copying the stacks (tests/test_steps.py reads the compiled HLO): the new moments
+  and count are written first and the parameter update reads them back from the written stacks, and every
+  parameter write waits for `after` (the loss and the gradients): otherwise XLA may recompute a piece of the
+  forward pass from the old parameter row after overwriting it, which forces a copy of the whole stack.
+  """
+  placement = placement or blocks.ON_DEVICE  # Host-resident stacks: rows fetched and stored (core/blocks.py).
+  rows = lambda tree: jax.tree.map(lambda x: placement.row(x, b), tree)
+  write = lambda tree, new: jax.tree.map(lambda x, y: placement.write(x, y, b), tree, new)
+  mu_row, nu_row = moments(rows(state.mu), rows(state.nu), grads, optim_config)
+  state = AdamState(count=write(state.count, rows(state.count) + 1), mu=write(state.mu, mu_row),
+                    nu=write(state.nu, nu_row))
+  # 0·x is not folded away for floats, so this is a data dependence and adds exactly 0 (NaN if x is not
+  # finite, and a non-finite loss stops training anyway).
+  wait = sum(jnp.ravel(x)[0].astype(jnp.float32) for x in jax.tree.leaves(after))
+  lr = lr + 0.0 * wait
+  # count row (1,) broadcasts against the (1, ...) rows.
+  new = apply_moments(rows(params), rows(state.mu), rows(state.nu), rows(state.count), lr, optim_config)
+  return write(params, new), state
 
 
 def global_norm(tree: PyTree) -> jax.Array:

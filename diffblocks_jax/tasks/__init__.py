@@ -1,0 +1,1 @@
+"""Tasks: what is diffused and how it is scored (classification: the label embedding)."""
