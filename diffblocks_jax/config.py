@@ -96,7 +96,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # --- devices (sharding.py) ---
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # Devices on the 'data' axis (-1 = all).
-  c.parallel_blocks = False  # Train the B independent blocks concurrently on B device groups.
+  c.parallel_blocks = False  # Train the B independent blocks at once: the block axis sharded over B device groups.
   c.distributed = ml_collections.ConfigDict()
   c.distributed.enabled = False  # Call jax.distributed.initialize() (auto-detected under SLURM).
   c.distributed.coordinator_address = ''  # host:port; '' = let JAX detect it (SLURM).

@@ -28,23 +28,38 @@ RECORD_FIELDS = {
     'randaugment', 'num_params', 'ms_per_step', 'img_per_s', 'window_s', 'windows', 'steps_per_window',
     'compile_s', 'temp_bytes', 'argument_bytes', 'output_bytes', 'alias_bytes', 'generated_code_bytes',
     'runtime_peak_bytes', 'runtime_peak_isolated', 'device_kind', 'backend', 'jax_version',
+    'offload_idle_blocks', 'state_device_bytes', 'state_host_bytes',
 }
-TINY_ROWS = ['baseline', 'dblock_mix', 'dblock_block0', 'dblock_block1', 'eval_baseline', 'eval_dblock']
+TINY_ROWS = ['baseline', 'dblock_mix', 'dblock_offload', 'dblock_block0', 'dblock_block1', 'eval_baseline',
+             'eval_dblock', 'compile_B2']  # The tiny setting has 2 layers: B = 3 and 6 do not divide them.
 
 
 def check_records(records: list[dict]) -> None:
   assert [r['variant'] for r in records] == TINY_ROWS
   for r in records:
     assert set(r) == RECORD_FIELDS, set(r) ^ RECORD_FIELDS
+    assert r['compile_s'] > 0
+    if r['variant'].startswith('compile_B'):  # Compiled, not run.
+      assert math.isnan(r['img_per_s']) and r['num_blocks'] == int(r['variant'][-1])
+      continue
     assert math.isfinite(r['img_per_s']) and r['img_per_s'] > 0  # Ran and was timed; no speed asserted.
     assert len(r['window_s']) == r['windows']
     assert r['temp_bytes'] > 0 and r['argument_bytes'] > 0 and r['output_bytes'] > 0
     assert r['jax_version'] == jax.__version__ and r['dtype'] == 'float32'
     if r['backend'] == 'cpu':
       assert r['runtime_peak_bytes'] is None
-  train_rows = [r for r in records if r['phase'] == 'train']
-  assert [r['block'] for r in train_rows] == [None, 'mix', 0, 1]
+  train_rows = [r for r in records if r['phase'] == 'train' and not r['variant'].startswith('compile')]
+  assert [r['block'] for r in train_rows] == [None, 'mix', 'mix', 0, 1]
   assert all(r['alias_bytes'] > 0 for r in train_rows)  # The state is donated.
+  rows = {r['variant']: r for r in records}
+  mix, offload = rows['dblock_mix'], rows['dblock_offload']
+  # Offloaded: the block stacks (parameters and Adam moments) move to host memory; the rest stays.
+  assert mix['state_host_bytes'] == 0 and offload['state_host_bytes'] > 0
+  assert offload['state_device_bytes'] + offload['state_host_bytes'] == mix['state_device_bytes']
+  assert offload['state_device_bytes'] < 0.5 * mix['state_device_bytes']
+  # The drawn-block step costs what a fixed-block step costs in temporaries (no idle block copied).
+  assert mix['temp_bytes'] <= 1.1 * rows['dblock_block0']['temp_bytes'], (mix['temp_bytes'],
+                                                                          rows['dblock_block0']['temp_bytes'])
 
 
 def test_tiny_suite_python_entry():

@@ -234,3 +234,55 @@ def test_timestep_embedding_layout():
 def test_timestep_embedding_batch_shape():
   emb = diffusion.timestep_embedding(jnp.zeros((2, 3)), 256)
   assert emb.shape == (2, 3, 256)
+
+
+# ------------------------------------------------------------------ partitions as the core uses them
+
+def test_lognormal_partition_is_the_spec_schedule():
+  plan = diffusion.LogNormalPartition(3)
+  np.testing.assert_allclose(plan.boundaries(), [0.002, 0.179632, 0.505041, 80.0], rtol=1e-5)
+  np.testing.assert_allclose(plan.inference_levels(3), [80.0, 0.3012, 0.002], rtol=1e-3)
+  assert [plan.route_static(s) for s in plan.inference_levels(3)] == [0, 1, 2]
+  key = jax.random.key(0)
+  sigmas, block = plan.sample(key, 16)
+  want_sigmas, want_block = diffusion.sample_training_sigmas(key, 16, 3, 0.05)
+  np.testing.assert_array_equal(sigmas, want_sigmas)
+  assert int(block) == int(want_block)
+  x0 = jnp.ones((16, 4))
+  noisy = plan.corrupt(jax.random.key(1), x0, sigmas)
+  np.testing.assert_allclose(noisy, x0 + sigmas[:, None] * jax.random.normal(jax.random.key(1), (16, 4)),
+                             rtol=1e-6)
+
+
+def test_lognormal_partition_fixed_block_samples_its_own_range():
+  plan = diffusion.LogNormalPartition(3)
+  ranges = diffusion.widened_ranges(3)
+  for block in range(3):
+    sigmas, _ = plan.sample(jax.random.key(block), 256, block=block)
+    lo, hi = ranges[2 - block]
+    assert np.all(np.asarray(sigmas) >= lo * (1 - 1e-5)) and np.all(np.asarray(sigmas) <= hi * (1 + 1e-5))
+
+
+def test_masking_partition_boundaries_overlap_and_routing():
+  """App. D: t_b = b/B; γ widens each slice by γ of its width per side; high t (mostly masked) → block 0."""
+  plan = diffusion.MaskingPartition(num_blocks=4, overlap=0.1, mask_id=99)
+  np.testing.assert_allclose(plan.boundaries(), [0.0, 0.25, 0.5, 0.75, 1.0])
+  np.testing.assert_allclose(plan.widened_ranges(), [[0.0, 0.275], [0.225, 0.525], [0.475, 0.775],
+                                                     [0.725, 1.0]])
+  assert [plan.route_static(t) for t in (1.0, 0.8, 0.6, 0.3, 0.1, 0.0)] == [0, 0, 1, 2, 3, 3]
+  np.testing.assert_array_equal(plan.route(jnp.array([1.0, 0.8, 0.6, 0.3, 0.1, 0.0])), [0, 0, 1, 2, 3, 3])
+  for block in range(4):
+    t, got = plan.sample(jax.random.key(block), 512, block=block)
+    lo, hi = plan.widened_ranges()[3 - block]
+    assert int(got) == block and float(t.min()) >= lo and float(t.max()) <= hi
+  _, drawn = plan.sample(jax.random.key(7), 4)
+  assert 0 <= int(drawn) < 4
+  np.testing.assert_allclose(plan.inference_levels(5), [1.0, 0.75, 0.5, 0.25, 0.0])
+
+
+def test_masking_partition_corrupts_at_rate_t():
+  plan = diffusion.MaskingPartition(num_blocks=2, mask_id=7)
+  tokens = jnp.zeros((4, 4000), jnp.int32)
+  t = jnp.array([0.0, 0.25, 0.5, 1.0])
+  masked = np.asarray(plan.corrupt(jax.random.key(0), tokens, t)) == 7
+  np.testing.assert_allclose(masked.mean(axis=1), [0.0, 0.25, 0.5, 1.0], atol=0.03)

@@ -19,7 +19,6 @@ from diffblocks_jax import reporting
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = {name: os.path.join(ROOT, 'notebooks', f'{name}.ipynb') for name in ('evaluate', 'training_curves')}
-HAS_BENCH = os.path.exists(os.path.join(ROOT, 'diffblocks_jax', 'bench.py'))
 CELL_TIMEOUT_S = 300
 # At this size a CPU spends its time compiling; cheaper LLVM settings roughly halve that (numerics don't matter).
 FAST_ENV = {'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '2',
@@ -93,10 +92,8 @@ def test_notebooks_execute_and_draw(tmp_path):
   bench_json, bench_log = str(tmp_path / 'bench.json'), str(tmp_path / 'bench.log')
   bench_args = [sys.executable, '-m', 'diffblocks_jax.tools.bench', '--suite=tiny', f'--json={bench_json}',
                 '--windows=1', '--steps_per_window=1']
-  bench = None
-  if HAS_BENCH:
-    with open(bench_log, 'w') as log:
-      bench = subprocess.Popen(bench_args, cwd=ROOT, env=bench_env, stdout=log, stderr=subprocess.STDOUT)
+  with open(bench_log, 'w') as log:
+    bench = subprocess.Popen(bench_args, cwd=ROOT, env=bench_env, stdout=log, stderr=subprocess.STDOUT)
   try:
     check_process([sys.executable, '-c', TRAIN_SCRIPT, dblock, vit], str(tmp_path / 'train.log'), env, timeout=600)
     for workdir in (dblock, vit):
@@ -119,23 +116,16 @@ def test_notebooks_execute_and_draw(tmp_path):
     assert num_figures(nb) >= 2, text(nb)  # Per-class accuracy and confusion matrix.
     assert text(nb).count('Baseline ViT:') == 4, text(nb)
 
-    if bench is not None:
-      check_process(bench_args, bench_log, bench_env, timeout=600, proc=bench)
-      with open(bench_json) as f:
-        assert json.load(f), 'the benchmark wrote no records'
-    nb = execute('training_curves', env, DIFFBLOCKS_WORKDIRS=f'{vit},{dblock}',
-                 DIFFBLOCKS_BENCH_JSON=bench_json if HAS_BENCH else str(tmp_path / 'absent.json'))
+    check_process(bench_args, bench_log, bench_env, timeout=600, proc=bench)
+    with open(bench_json) as f:
+      assert json.load(f), 'the benchmark wrote no records'
+    nb = execute('training_curves', env, DIFFBLOCKS_WORKDIRS=f'{vit},{dblock}', DIFFBLOCKS_BENCH_JSON=bench_json)
   finally:
-    if bench is not None and bench.poll() is None:
+    if bench.poll() is None:
       bench.kill()
       bench.wait()
   assert 'final test accuracy' in text(nb), text(nb)
-  if HAS_BENCH:
-    assert num_figures(nb) >= 3, text(nb)  # Curves, throughput, memory.
-  else:
-    assert num_figures(nb) >= 1 and 'charts are skipped' in text(nb), text(nb)
-    pytest.skip('diffblocks_jax/tools/bench.py does not exist: the benchmark charts were not exercised '
-                '(everything else passed)')
+  assert num_figures(nb) >= 3, text(nb)  # Curves, throughput, memory.
 
 
 @pytest.mark.parametrize('name', sorted(NOTEBOOKS))

@@ -5,8 +5,11 @@
       [--image_size=32 --channels=3 --num_classes=100] [--randaugment] [--isolate]
 
 Rows per setting (a config's model.kind is set per row): the baseline's training img/s; DiffusionBlocks'
-training img/s with the block drawn every step (the real step, `lax.switch`) and with each block forced
-(`make_train_chunk(block=b)`: no switch); evaluation img/s (baseline forward, the N=B-step sampler).
+training img/s with the block drawn every step (`dblock_mix`, the real step: a traced row of the stacked
+blocks), with the block stacks offloaded to host memory (`dblock_offload`) and with each block forced
+(`dblock_block<b>`); evaluation img/s (baseline forward, the N=B-step sampler); and the compile time of the
+DiffusionBlocks training program at the setting's depth cut into B = 2, 3, 6 blocks (`compile_B<n>`,
+compiled, not run). Every row reports the train state's bytes on the device and in host memory.
 Training times the real `make_train_chunk` (gather, augmentation, block draw and update in one scan on the
 device) on random uint8 images already on the device: one warm-up window, then the median of synchronised
 windows. Memory: XLA's compiled analysis of the timed program (temporaries are those of one step: a scan
@@ -101,10 +104,16 @@ def tiny_suite() -> list[Setting]:
   return [Setting('tiny_float32', config, 8, 3, 10, 'CI-sized')]
 
 
+COMPILE_SWEEP = (2, 3, 6)  # Numbers of blocks whose step's compile time is reported at the setting's depth.
+
+
 def variants(setting: Setting, randaugment: bool = False) -> list[str]:
-  num_blocks = config_lib.num_blocks(variant_config(setting.config, kind='dblock'))
-  out = ['baseline', 'dblock_mix', *(f'dblock_block{b}' for b in range(num_blocks)), 'eval_baseline',
-         'eval_dblock']
+  config = variant_config(setting.config, kind='dblock')
+  num_blocks = config_lib.num_blocks(config)
+  stacked = len(set(config.model.layers_per_block)) <= 1
+  sweep = [f'compile_B{n}' for n in COMPILE_SWEEP if config.model.num_layers % n == 0]
+  out = ['baseline', 'dblock_mix', *(['dblock_offload'] if stacked else []),
+         *(f'dblock_block{b}' for b in range(num_blocks)), 'eval_baseline', 'eval_dblock', *sweep]
   return out + (['baseline+randaugment', 'dblock_mix+randaugment'] if randaugment else [])
 
 
@@ -157,8 +166,9 @@ def window_times(run_window: Callable[[], Any], windows: int) -> list[float]:
 
 def _time_train(exp: train.Experiment, block: int | None, windows: int, num_steps: int, options,
                 states: dict[str, Any]):
-  # Rows of one model kind pass the (donated) state on: one initialisation per kind, not per row.
-  kind = exp.config.model.kind
+  # Rows of one model kind pass the (donated) state on: one initialisation per kind, not per row. A state in
+  # other memory (offloaded blocks) is a kind of its own.
+  kind = exp.config.model.kind + ('_offload' if exp.config.train.offload_idle_blocks else '')
   state = states.pop(kind) if kind in states else exp.init_state()
   images = jax.device_put(exp.data.train_images)
   labels = jax.device_put(exp.data.train_labels)
@@ -174,6 +184,24 @@ def _time_train(exp: train.Experiment, block: int | None, windows: int, num_step
   times = window_times(run_window, windows)
   states[kind] = state
   return times, compile_s, exp.config.train.batch_size, memory_fields(compiled)
+
+
+def _compile_only(exp: train.Experiment, num_steps: int, options):
+  """Compile time of the training chunk on abstract inputs (nothing runs): the program's cost in B."""
+  images = jax.ShapeDtypeStruct(exp.data.train_images.shape, jnp.uint8)
+  labels = jax.ShapeDtypeStruct(exp.data.train_labels.shape, jnp.int32)
+  start = time.perf_counter()
+  compiled = train.make_train_chunk(exp).lower(exp.abstract_state, images, labels, num_steps).compile(options)
+  return [float('nan')], time.perf_counter() - start, exp.config.train.batch_size, memory_fields(compiled)
+
+
+def state_bytes(exp: train.Experiment) -> dict[str, int]:
+  """Bytes of the train state by where it lives: the device, or host memory (offloaded block stacks)."""
+  out = {'state_device_bytes': 0, 'state_host_bytes': 0}
+  for leaf in jax.tree.leaves(exp.abstract_state):
+    where = 'device' if leaf.sharding.memory_kind in (None, 'device') else 'host'
+    out[f'state_{where}_bytes'] += int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+  return out
 
 
 def _time_eval(exp: train.Experiment, windows: int, num_steps: int, options, states: dict[str, Any]):
@@ -210,10 +238,15 @@ def run_variant(setting: Setting, variant: str, data: input_pipeline.Dataset, *,
   kind = 'vit' if 'baseline' in name else 'dblock'
   block = int(name.removeprefix('dblock_block')) if name.startswith('dblock_block') else None
   config = variant_config(setting.config, kind=kind, randaugment=randaugment)
+  config.train.offload_idle_blocks = name == 'dblock_offload'
+  if name.startswith('compile_B'):  # Same depth, another number of blocks.
+    config.model.num_blocks, config.model.layers_per_block = int(name.removeprefix('compile_B')), ()
   mesh = sharding.make_mesh(config, devices=jax.local_devices()[:1])
   exp = train.experiment_from_data(config, data, mesh=mesh)
   if name.startswith('eval'):
     times, compile_s, batch, memory = _time_eval(exp, windows, steps_per_window, compiler_options, states)
+  elif name.startswith('compile_B'):
+    times, compile_s, batch, memory = _compile_only(exp, steps_per_window, compiler_options)
   else:
     times, compile_s, batch, memory = _time_train(exp, block, windows, steps_per_window, compiler_options,
                                                   states)
@@ -221,13 +254,15 @@ def run_variant(setting: Setting, variant: str, data: input_pipeline.Dataset, *,
   m = config.model
   return dict(
       config=setting.name, note=setting.note, variant=variant, phase='eval' if name.startswith('eval') else 'train',
-      model_kind=kind, block='mix' if name == 'dblock_mix' else block, dtype=m.compute_dtype, batch=batch,
+      model_kind=kind, block='mix' if name in ('dblock_mix', 'dblock_offload') else block,
+      offload_idle_blocks=bool(config.train.offload_idle_blocks), dtype=m.compute_dtype, batch=batch,
       image_size=setting.image_size, channels=setting.channels, num_classes=setting.num_classes,
       hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
       patch_size=m.patch_size, num_blocks=exp.num_blocks, randaugment=bool(config.data.randaugment),
       num_params=sum(int(np.prod(a.shape)) for a in jax.tree.leaves(exp.abstract_state.params)),
       ms_per_step=1e3 * seconds, img_per_s=batch / seconds, window_s=times, windows=windows,
-      steps_per_window=steps_per_window, compile_s=compile_s, **memory, runtime_peak_bytes=_runtime_peak(),
+      steps_per_window=steps_per_window, compile_s=compile_s, **memory, **state_bytes(exp),
+      runtime_peak_bytes=_runtime_peak(),
       runtime_peak_isolated=isolated, device_kind=jax.local_devices()[0].device_kind,
       backend=jax.default_backend(), jax_version=jax.__version__)
 
@@ -259,11 +294,14 @@ def _run_isolated(settings: list[Setting], randaugment: bool) -> list[dict[str, 
 
 def format_table(records: list[dict[str, Any]]) -> str:
   mib = lambda b: '-' if b is None else f'{b / MIB:.1f}'
+  num = lambda x, spec: '-' if x != x else format(x, spec)  # NaN (compile-only rows) as '-'.
   width = max([len('setting'), *(len(r['config']) for r in records)])
-  lines = [f'{"setting":<{width}} {"row":<24} {"ms/step":>9} {"img/s":>10} {"temp MiB":>9} {"peak MiB":>9}']
+  lines = [f'{"setting":<{width}} {"row":<24} {"ms/step":>9} {"img/s":>10} {"temp MiB":>9} {"peak MiB":>9} '
+           f'{"state dev MiB":>13} {"state host MiB":>14} {"compile s":>9}']
   for r in records:
-    lines.append(f'{r["config"]:<{width}} {r["variant"]:<24} {r["ms_per_step"]:>9.2f} {r["img_per_s"]:>10.1f} '
-                 f'{mib(r["temp_bytes"]):>9} {mib(r["runtime_peak_bytes"]):>9}')
+    lines.append(f'{r["config"]:<{width}} {r["variant"]:<24} {num(r["ms_per_step"], ">9.2f")} '
+                 f'{num(r["img_per_s"], ">10.1f")} {mib(r["temp_bytes"]):>9} {mib(r["runtime_peak_bytes"]):>9} '
+                 f'{mib(r["state_device_bytes"]):>13} {mib(r["state_host_bytes"]):>14} {r["compile_s"]:>9.1f}')
   return '\n'.join(lines)
 
 
