@@ -17,6 +17,10 @@ import pytest
 from diffblocks_jax import config as config_lib
 from diffblocks_jax import models
 
+# How long a subprocess may run before a test calls it hung: a guard against deadlocks, not a speed limit, so
+# generous that a slow or shared machine never trips it (tests assert no timings).
+HANG_GUARD_S = 1800
+
 # 8x8 RGB images, patch 4 -> 4 patches (+1 label/CLS token); 5 classes.
 TINY_DIMS = dict(image_size=8, channels=3, num_classes=5)
 

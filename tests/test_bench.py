@@ -18,6 +18,7 @@ import pytest
 
 from diffblocks_jax import sharding, train
 from diffblocks_jax.tools import bench
+from conftest import HANG_GUARD_S
 
 FAST_COMPILE = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
 FAST_XLA_FLAGS = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
@@ -74,7 +75,7 @@ def test_tiny_suite_command_line(tmp_path):
   env = dict(os.environ, XLA_FLAGS=f'{os.environ.get("XLA_FLAGS", "")} {FAST_XLA_FLAGS}', JAX_PLATFORMS='cpu')
   result = subprocess.run(
       [sys.executable, '-m', 'diffblocks_jax.tools.bench', '--suite=tiny', f'--json={out}', '--windows=1',
-       '--steps_per_window=1'], env=env, capture_output=True, text=True, timeout=300, check=False)
+       '--steps_per_window=1'], env=env, capture_output=True, text=True, timeout=HANG_GUARD_S, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'dblock_block1' in result.stdout
   check_records(json.loads(out.read_text()))

@@ -12,6 +12,7 @@ import pytest
 
 from diffblocks_jax import train
 from diffblocks_jax import config as config_lib
+from conftest import HANG_GUARD_S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -70,7 +71,7 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted_run(tmp_path):
   assert proc.returncode == -signal.SIGKILL
   for workdir in (killed, clean):
     proc = _start(workdir)
-    _, err = proc.communicate(timeout=600)
+    _, err = proc.communicate(timeout=HANG_GUARD_S)
     assert proc.returncode == 0, err[-3000:]
   chex.assert_trees_all_equal(_final_params(killed), _final_params(clean))
   assert np.isfinite(float(np.asarray(_final_params(clean).params['shared']['head']['kernel']).sum()))

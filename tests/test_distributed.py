@@ -17,10 +17,11 @@ import time
 
 import numpy as np
 import pytest
+from conftest import HANG_GUARD_S
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 FAST_COMPILE = '--xla_backend_optimization_level=0'  # Compile time dominates tiny runs on a CPU.
-TIMEOUT_S = 120
+TIMEOUT_S = HANG_GUARD_S
 
 
 def free_port() -> int:

@@ -11,6 +11,7 @@ import tensorflow_datasets as tfds
 
 from diffblocks_jax import checkpointing, reporting, train
 from diffblocks_jax import config as config_lib
+from conftest import HANG_GUARD_S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -94,7 +95,7 @@ def test_config_errors_name_the_field():
     config_lib.validate(config, num_devices=1)
 
 
-def run_cli(*args, timeout=300):
+def run_cli(*args, timeout=HANG_GUARD_S):
   env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
   return subprocess.run([sys.executable, '-m', 'diffblocks_jax.main', *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
@@ -165,3 +166,33 @@ def test_tinyimagenet_config_trains_from_a_folder_in_its_layout(tmp_path):
   config.eval.batch_size = 4
   result = train.train_and_evaluate(config, str(tmp_path / 'workdir'))
   assert result['step'] == 4 and 0.0 <= result['eval/accuracy'] <= 1.0  # 8 images / 4 = 2 steps x B=2.
+
+
+def test_offloaded_blocks_train_resume_and_evaluate_like_resident_ones(tmp_path):
+  """`train.offload_idle_blocks` through the whole loop: checkpoints from host memory, resume into host memory,
+  evaluation; the parameters equal a run whose blocks stay on the device."""
+  import jax  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, ROOT)
+  from configs import testing  # pylint: disable=g-import-not-at-top
+
+  def config(offload: bool, epochs: int):
+    c = testing.get_config('dblock')
+    c.data.source, c.data.pad_crop, c.data.flip = 'digits', 0, False
+    c.train.batch_size, c.train.num_epochs, c.train.steps_per_call = 64, epochs, 11
+    c.train.checkpoint_every_steps = 22
+    c.train.offload_idle_blocks = offload
+    return c
+
+  results = {}
+  for offload in (False, True):
+    workdir = str(tmp_path / f'offload_{offload}')
+    train.train_and_evaluate(config(offload, 1), workdir)
+    results[offload] = train.train_and_evaluate(config(offload, 2), workdir)  # Resumes at the last step.
+    exp, state = train.load_trained(config(offload, 2), workdir)
+    kinds = {leaf.sharding.memory_kind for leaf in jax.tree.leaves(state.params['blocks'])}
+    assert kinds == ({'pinned_host'} if offload else {'device'}), kinds
+    results[offload]['params'] = jax.device_get(state.params)
+  assert results[True]['step'] == results[False]['step'] == 2 * 2 * (1437 // 64)
+  assert results[True]['eval/accuracy'] == pytest.approx(results[False]['eval/accuracy'], abs=1 / 360)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), results[True]['params'],
+               results[False]['params'])

@@ -14,6 +14,7 @@ from scipy import special
 
 from diffblocks_jax import config as config_lib
 from diffblocks_jax import import_torch, models
+from conftest import HANG_GUARD_S
 
 HIDDEN, HEADS, LAYERS, MLP, PATCH, IMAGE, CHANNELS, CLASSES = 24, 4, 4, 48, 4, 8, 3, 10
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -272,8 +273,8 @@ def test_cli_writes_step_zero_once(tmp_path):
   cmd = [sys.executable, '-m', 'diffblocks_jax.import_torch', f'--input={tmp_path / "w.npz"}',
          f'--config={REPO}/configs/testing.py:dblock', f'--workdir={tmp_path / "run"}', *overrides]
   env = dict(os.environ, JAX_PLATFORMS='cpu')
-  first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
   assert first.returncode == 0, first.stderr[-3000:]
   assert os.listdir(tmp_path / 'run' / 'checkpoints')
-  again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
   assert again.returncode != 0 and 'already holds checkpoints' in again.stderr

@@ -14,6 +14,7 @@ import pytest
 from diffblocks_jax import config as config_lib
 from diffblocks_jax.data import input_pipeline as ip
 from diffblocks_jax.data.dataset import DataError
+from conftest import HANG_GUARD_S
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -44,7 +45,7 @@ for labels in (data.train_labels, data.test_labels):
   assert labels.dtype.name == 'int32' and labels.min() >= 0 and labels.max() < 100
 assert 'tensorflow' not in sys.modules, 'the data_source path imported TensorFlow'
 """
-  result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=120)
+  result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S)
   assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -93,7 +94,7 @@ except input_pipeline.DataError as e:
 def test_tfds_prepared_array_record_and_tfrecord(tmp_path):
   # Real prepared files: batched array_record reads, and the TensorFlow fallback for tfrecord.
   result = subprocess.run([sys.executable, '-c', _PREPARED_CODE, str(tmp_path)], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=HANG_GUARD_S)
   assert result.returncode == 0, result.stderr[-3000:]
 
 

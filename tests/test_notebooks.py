@@ -16,10 +16,11 @@ import pytest
 from nbclient import NotebookClient
 
 from diffblocks_jax import reporting
+from conftest import HANG_GUARD_S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = {name: os.path.join(ROOT, 'notebooks', f'{name}.ipynb') for name in ('evaluate', 'training_curves')}
-CELL_TIMEOUT_S = 300
+CELL_TIMEOUT_S = HANG_GUARD_S
 # At this size a CPU spends its time compiling; cheaper LLVM settings roughly halve that (numerics don't matter).
 FAST_ENV = {'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '2',
             'XLA_FLAGS': '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'}
@@ -95,7 +96,7 @@ def test_notebooks_execute_and_draw(tmp_path):
   with open(bench_log, 'w') as log:
     bench = subprocess.Popen(bench_args, cwd=ROOT, env=bench_env, stdout=log, stderr=subprocess.STDOUT)
   try:
-    check_process([sys.executable, '-c', TRAIN_SCRIPT, dblock, vit], str(tmp_path / 'train.log'), env, timeout=600)
+    check_process([sys.executable, '-c', TRAIN_SCRIPT, dblock, vit], str(tmp_path / 'train.log'), env, timeout=HANG_GUARD_S)
     for workdir in (dblock, vit):
       assert any('eval/accuracy' in r for r in reporting.read_metrics(workdir)), workdir
 
@@ -116,7 +117,7 @@ def test_notebooks_execute_and_draw(tmp_path):
     assert num_figures(nb) >= 2, text(nb)  # Per-class accuracy and confusion matrix.
     assert text(nb).count('Baseline ViT:') == 4, text(nb)
 
-    check_process(bench_args, bench_log, bench_env, timeout=600, proc=bench)
+    check_process(bench_args, bench_log, bench_env, timeout=HANG_GUARD_S, proc=bench)
     with open(bench_json) as f:
       assert json.load(f), 'the benchmark wrote no records'
     nb = execute('training_curves', env, DIFFBLOCKS_WORKDIRS=f'{vit},{dblock}', DIFFBLOCKS_BENCH_JSON=bench_json)

@@ -14,10 +14,11 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import HANG_GUARD_S
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 FAST_COMPILE = '--xla_backend_optimization_level=0'  # Compile time dominates tiny runs on a CPU.
-TIMEOUT_S = 150
+TIMEOUT_S = HANG_GUARD_S
 
 
 def parallel_config(data_path: str = ''):

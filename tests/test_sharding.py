@@ -13,11 +13,12 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import HANG_GUARD_S
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # Compile time dominates these tiny runs on a CPU; the lowest LLVM level cuts it about threefold.
 FAST_COMPILE = '--xla_backend_optimization_level=0'
-TIMEOUT_S = 150
+TIMEOUT_S = HANG_GUARD_S
 
 
 def run_script(args: list[str], num_devices: int, timeout: float = TIMEOUT_S) -> None:

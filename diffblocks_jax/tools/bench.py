@@ -294,13 +294,13 @@ def _run_isolated(settings: list[Setting], randaugment: bool) -> list[dict[str, 
 
 def format_table(records: list[dict[str, Any]]) -> str:
   mib = lambda b: '-' if b is None else f'{b / MIB:.1f}'
-  num = lambda x, spec: '-' if x != x else format(x, spec)  # NaN (compile-only rows) as '-'.
+  num = lambda x, width, decimals: f'{"-":>{width}}' if x != x else f'{x:>{width}.{decimals}f}'  # NaN: not run.
   width = max([len('setting'), *(len(r['config']) for r in records)])
   lines = [f'{"setting":<{width}} {"row":<24} {"ms/step":>9} {"img/s":>10} {"temp MiB":>9} {"peak MiB":>9} '
            f'{"state dev MiB":>13} {"state host MiB":>14} {"compile s":>9}']
   for r in records:
-    lines.append(f'{r["config"]:<{width}} {r["variant"]:<24} {num(r["ms_per_step"], ">9.2f")} '
-                 f'{num(r["img_per_s"], ">10.1f")} {mib(r["temp_bytes"]):>9} {mib(r["runtime_peak_bytes"]):>9} '
+    lines.append(f'{r["config"]:<{width}} {r["variant"]:<24} {num(r["ms_per_step"], 9, 2)} '
+                 f'{num(r["img_per_s"], 10, 1)} {mib(r["temp_bytes"]):>9} {mib(r["runtime_peak_bytes"]):>9} '
                  f'{mib(r["state_device_bytes"]):>13} {mib(r["state_host_bytes"]):>14} {r["compile_s"]:>9.1f}')
   return '\n'.join(lines)
 
