@@ -94,7 +94,8 @@ def sample_training_sigmas(key: jax.Array, batch_size: int, num_blocks: int, ove
                            edm: EDM = DEFAULT_EDM, *, bucket_index: int | None = None):
   """One uniform bucket for the batch, then truncated log-normal σ in its widened range (SPEC §5.1-5.4).
 
-  Returns (sigmas (batch,), block) where block = B−1−mode(bucket(σ)), an int32 scalar for `lax.switch`.
+  Returns (sigmas (batch,), block) where block = B−1−mode(bucket(σ)), an int32 scalar (the row of the stacked
+  blocks to train, or a `lax.switch` index).
   `bucket_index` fixes the bucket instead of drawing it (block-parallel training, benchmarks).
   """
   bucket_key, u_key = jax.random.split(key)
