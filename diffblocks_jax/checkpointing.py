@@ -64,10 +64,25 @@ def _fingerprint(x: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def _fingerprints(leaves: dict[str, jax.Array]) -> dict[str, jax.Array]:
+def _fingerprints_on_device(leaves: dict[str, jax.Array]) -> dict[str, jax.Array]:
   """Every leaf's fingerprint in one program. Block-sharded leaves need collectives, and many small programs
   with collectives in flight at once can starve XLA's CPU thread pool into a deadlock; one program cannot."""
   return {k: _fingerprint(v) for k, v in leaves.items()}
+
+
+def _in_host_memory(x) -> bool:
+  return getattr(getattr(x, 'sharding', None), 'memory_kind', None) not in (None, 'device')
+
+
+def _fingerprints(leaves: dict[str, Any]) -> dict[str, jax.Array]:
+  """Fingerprints of device leaves in one program; leaves held in host memory (offloaded blocks) one at a time,
+  each copied to the device for its own program, so the device never holds more than one of them."""
+  on_host = {k for k, v in leaves.items() if _in_host_memory(v)}
+  out = _fingerprints_on_device({k: v for k, v in leaves.items() if k not in on_host})
+  one = jax.jit(_fingerprint)
+  for k in sorted(on_host):
+    out[k] = one(jax.device_put(leaves[k], leaves[k].sharding.with_memory_kind('device')))
+  return out
 
 
 def _fetch(x: jax.Array) -> list[int]:

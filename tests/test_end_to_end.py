@@ -178,6 +178,7 @@ def test_offloaded_blocks_train_resume_and_evaluate_like_resident_ones(tmp_path)
   def config(offload: bool, epochs: int):
     c = testing.get_config('dblock')
     c.data.source, c.data.pad_crop, c.data.flip = 'digits', 0, False
+    c.data.mean, c.data.std, c.model.patch_size = (0.305,), (0.375,), 2  # 8x8 grayscale.
     c.train.batch_size, c.train.num_epochs, c.train.steps_per_call = 64, epochs, 11
     c.train.checkpoint_every_steps = 22
     c.train.offload_idle_blocks = offload

@@ -289,10 +289,13 @@ def stacked_copies(hlo: str, state) -> list[str]:
           if (m := _HLO_INSTRUCTION.match(line)) and m[2] in ('copy', 'copy-start') and m[1] in shapes]
 
 
-def test_compiled_step_copies_no_block_stack(dblock_setup, batch):
-  """The drawn block's row is written in place: no copy of any stacked parameter or Adam moment."""
-  state = dblock_setup.state()
-  step = classification.make_train_step(dblock_setup.graphdef, dblock_setup.config, dblock_setup.schedule)
+@pytest.mark.parametrize('independent', [False, True])
+def test_compiled_step_copies_no_block_stack(dblock_setup, tiny_config, tiny_model, batch, independent):
+  """The drawn block's row is written in place: no copy of any stacked parameter or Adam moment (with
+  independent blocks the outer parts' copies are stacked too)."""
+  setup = Setup(tiny_config, tiny_model, model__independent_blocks=True) if independent else dblock_setup
+  state = setup.state()
+  step = classification.make_train_step(setup.graphdef, setup.config, setup.schedule)
   hlo = jax.jit(step, donate_argnums=0).lower(state, *batch).compile().as_text()
   assert 'dynamic-update-slice' in hlo  # The checker looks at a program that does write rows.
   assert not stacked_copies(hlo, (state.params['blocks'], state.opt_state['blocks'])), \
