@@ -4,10 +4,12 @@
       [--mode=train|eval] [--config.optim.lr=5e-4 ...]
 """
 
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffblocks_jax import distributed, train
+from diffblocks_jax import distributed, locking, train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and logs.')
@@ -22,7 +24,14 @@ def main(argv):
   distributed.maybe_initialize(config)
   logging.info('Config:\n%s', config)
   if _MODE.value == 'train':
-    train.train_and_evaluate(config, _WORKDIR.value)
+    try:
+      train.train_and_evaluate(config, _WORKDIR.value)
+    except train.Preempted as e:
+      logging.warning('%s', e)
+      sys.exit(train.EXIT_PREEMPTED)
+    except locking.WorkdirBusyError as e:
+      logging.error('%s', e)
+      sys.exit(2)
   else:
     train.evaluate(config, _WORKDIR.value)
 

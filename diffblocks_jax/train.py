@@ -19,7 +19,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from diffblocks_jax import checkpointing, diffusion, models, reporting, sharding
+from diffblocks_jax import checkpointing, diffusion, locking, models, reporting, sharding
 from diffblocks_jax import config as config_lib
 from diffblocks_jax.core import blocks, optim, steps
 from diffblocks_jax.data import input_pipeline
@@ -173,19 +173,54 @@ def evaluate_params(exp: Experiment, params, **sampler_overrides) -> float:
   return classification.accuracy(logits, exp.data.test_labels)
 
 
-class _Preempted(Exception):
-  pass
+EXIT_PREEMPTED = 75  # Exit status of a run stopped by SIGTERM after saving (EX_TEMPFAIL: run it again).
 
 
-def _raise_preempted(signum, frame):
-  del frame
-  raise _Preempted(f'signal {signum}')
+class Preempted(Exception):
+  """SIGTERM stopped training between two compiled calls; the message names the step saved."""
+
+
+class _StopFlag:
+  """Set by SIGTERM. The handler only sets it: raising from a signal handler can land inside a donated call,
+  an Orbax save or a garbage-collection callback, where the exception is lost or leaves damage."""
+
+  def __init__(self):
+    self.requested = False
+
+  def __call__(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def everywhere(self) -> bool:
+    """True on every process as soon as any process was signalled: all must stop at the same step."""
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
-  """Trains (resuming from WORKDIR/checkpoints if any), evaluates, checkpoints; returns final metrics."""
-  exp = build_experiment(config)
+  """Trains (resuming from WORKDIR/checkpoints if any), evaluates, checkpoints; returns final metrics.
+
+  One run per workdir (`locking.WorkdirLock`); SIGTERM saves the current step and raises `Preempted`.
+  """
   lead = jax.process_index() == 0
+  with locking.WorkdirLock(workdir, enabled=lead):
+    return _train_and_evaluate(config, workdir, lead)
+
+
+def _train_and_evaluate(config, workdir: str, lead: bool) -> dict[str, float]:
+  stop = _StopFlag()  # From the start: a SIGTERM while loading or compiling is honoured at the first chance.
+  old_handler = signal.signal(signal.SIGTERM, stop) if _main_thread() else None
+  try:
+    return _train_loop(config, workdir, lead, stop)
+  finally:
+    if old_handler is not None:
+      signal.signal(signal.SIGTERM, old_handler)
+
+
+def _train_loop(config, workdir: str, lead: bool, stop: _StopFlag) -> dict[str, float]:
+  exp = build_experiment(config)
   os.makedirs(workdir, exist_ok=True)
   if lead:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
@@ -240,10 +275,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   def save(at_step):
     ckpt.save(at_step, state, metadata={'epoch': at_step / exp.steps_per_epoch}, force=True)
 
-  old_handler = signal.signal(signal.SIGTERM, _raise_preempted) if lead and _main_thread() else None
   pending = None
   try:
     while step < exp.total_steps:
+      if stop.everywhere():
+        raise Preempted('SIGTERM')
       n = min(config.train.steps_per_call, exp.total_steps - step)
       state, metrics = chunk_fn(state, images, labels, n)
       if pending is not None:
@@ -264,23 +300,24 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
           logging.info('step %d: test accuracy %.4f on %d images', step, accuracy, len(exp.data.test_labels))
     if pending is not None:
       flush(pending)
-  except (KeyboardInterrupt, _Preempted):
+  except (KeyboardInterrupt, Preempted) as e:
     # Save where we are, if the state is known good, so the same command resumes here.
     if pending is not None:
       flush(pending)
     if last_good == step and ckpt.latest_step() != step:
-      logging.warning('Interrupted at step %d: saving a checkpoint before exiting.', step)
       try:
         save(step)
-      except Exception as e:  # pylint: disable=broad-except
-        # The interrupt can land while the state's buffers are donated to a running call.
-        logging.warning('Could not save at interruption (%s); step %s stays the latest.', e, ckpt.latest_step())
+      except Exception as err:  # pylint: disable=broad-except
+        # Ctrl-C can land while the state's buffers are donated to a running call (SIGTERM cannot).
+        logging.warning('Could not save at interruption (%s); step %s stays the latest.', err, ckpt.latest_step())
+    if isinstance(e, Preempted):
+      ckpt.wait()
+      raise Preempted(f'Stopped by SIGTERM at step {step} of {exp.total_steps}; checkpoint step '
+                      f'{ckpt.latest_step()} is saved in {ckpt.directory}. Run the same command to resume.') from None
     raise
   finally:
     ckpt.close()
     writer.close()
-    if old_handler is not None:
-      signal.signal(signal.SIGTERM, old_handler)
   result['step'] = step
   return result
 
