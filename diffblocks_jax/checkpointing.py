@@ -70,6 +70,9 @@ def _fingerprints_on_device(leaves: dict[str, jax.Array]) -> dict[str, jax.Array
   return {k: _fingerprint(v) for k, v in leaves.items()}
 
 
+_fingerprint_on_device = jax.jit(_fingerprint)
+
+
 def _in_host_memory(x) -> bool:
   return getattr(getattr(x, 'sharding', None), 'memory_kind', None) not in (None, 'device')
 
@@ -79,9 +82,8 @@ def _fingerprints(leaves: dict[str, Any]) -> dict[str, jax.Array]:
   each copied to the device for its own program, so the device never holds more than one of them."""
   on_host = {k for k, v in leaves.items() if _in_host_memory(v)}
   out = _fingerprints_on_device({k: v for k, v in leaves.items() if k not in on_host})
-  one = jax.jit(_fingerprint)
   for k in sorted(on_host):
-    out[k] = one(jax.device_put(leaves[k], leaves[k].sharding.with_memory_kind('device')))
+    out[k] = _fingerprint_on_device(jax.device_put(leaves[k], leaves[k].sharding.with_memory_kind('device')))
   return out
 
 

@@ -121,7 +121,7 @@ def make_train_chunk(exp: Experiment, *, block: int | None = None, train_step=No
   data_keys = [jax.random.fold_in(data_key, b) for b in range(exp.num_blocks)] if config.parallel_blocks \
       else [data_key]
 
-  def batch_of(key, step, images_u8, labels):
+  def batch_of(key, step):
     # A fresh permutation per epoch of the processes' shards together, indexed by the global step: a resumed
     # run sees the same batches, and so does a run on any number of processes and devices.
     epoch, within = jnp.divmod(step, exp.steps_per_epoch)
@@ -129,7 +129,7 @@ def make_train_chunk(exp: Experiment, *, block: int | None = None, train_step=No
     return sharding.global_rows(jax.lax.dynamic_slice(perm, (within * batch,), (batch,)), num_local, num_padded)
 
   def body(state, images_u8, labels):
-    rows = jnp.stack([batch_of(k, state.step, images_u8, labels) for k in data_keys])
+    rows = jnp.stack([batch_of(k, state.step) for k in data_keys])
     images_b, labels_b = sharding.gather_rows(mesh, (images_u8, labels), rows if config.parallel_blocks
                                               else rows[0])
     augment = lambda key, x: input_pipeline.augment(jax.random.fold_in(jax.random.fold_in(key, 1), state.step),

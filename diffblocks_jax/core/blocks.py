@@ -48,8 +48,7 @@ class Block(nnx.Module):
 def stack_modules(modules: Sequence[nnx.Module]) -> nnx.Module:
   """One module of the same structure whose every variable is the modules' variables stacked on axis 0."""
   graphdef, _ = nnx.split(modules[0])
-  states = [nnx.split(m)[1] for m in modules]
-  return nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states))
+  return nnx.merge(graphdef, stack_trees([nnx.split(m)[1] for m in modules]))
 
 
 class DiffusionBlocks(nnx.Module):

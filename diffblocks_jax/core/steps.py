@@ -104,8 +104,8 @@ def block_update(graphdef, task, partition, optim_config, schedule, placement=bl
           placement=placement)
     else:
       new_block, new_group = optim.adamw(part['block'], grads['block'], opt['blocks'][b], lr, optim_config)
-      params['blocks'] = {**state.params['blocks'], b: new_block}
-      opt_state['blocks'] = {**opt['blocks'], b: new_group}
+      params['blocks'] = blocks.put(params, {'block': new_block}, b)['blocks']
+      opt_state['blocks'] = blocks.put(opt_state, {'block': new_group}, b)['blocks']
     metrics = dict(aux, loss=loss, grad_norm=grad_norm, lr=lr)
     return state.replace(params=params, opt_state=opt_state), metrics
 
