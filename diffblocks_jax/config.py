@@ -35,7 +35,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # --- model (SPEC §2, §3); image size, channels and classes come from the data ---
   c.model = m = ml_collections.ConfigDict()
-  m.kind = 'dblock'  # 'dblock' (DiffusionBlocks ViT-DiT) or 'vit' (end-to-end baseline).
+  m.kind = 'dblock'  # One of KINDS below: classification 'vit' | 'dblock', image generation 'dit' | 'dit_dblock'.
   m.patch_size = 4
   m.hidden_size = 128
   m.num_layers = 12
@@ -49,6 +49,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.label_token = 'replace'  # 'replace' the CLS token with c_in*z_t (release) or 'concat' it (paper).
   m.independent_blocks = False  # Each block owns a copy of the shared parts (needed for parallel_blocks).
   m.compute_dtype = 'float32'  # 'float32' (parity) or 'bfloat16'; parameters and optimizer stay fp32.
+  m.mlp_ratio = 4  # DiT only: MLP width = mlp_ratio * hidden_size (mlp_dim is the ViT's).
 
   # --- diffusion (SPEC §4, §5, §7) ---
   c.diffusion = f = ml_collections.ConfigDict()
@@ -59,7 +60,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   f.sigma_data = 0.5
   f.overlap = 0.05  # gamma: each block's noise range widened by this fraction of its log-width per side.
   f.loss_weighting = 'batch_mean'  # 'batch_mean' = mean(w)*mean(ce) (release) | 'per_sample' = mean(w*ce).
-  f.class_dropout_prob = 0.0  # Classifier-free guidance training: zero the image for this share of a batch.
+  f.class_dropout_prob = 0.0  # Guidance training: the condition (classification: the image; generation: the
+  # class, replaced by the null class) is dropped for this share of a batch.
 
   # --- optimizer (SPEC §6) ---
   c.optim = o = ml_collections.ConfigDict()
@@ -88,10 +90,16 @@ def get_base_config() -> ml_collections.ConfigDict:
   # --- evaluation (SPEC §7) ---
   c.eval = e = ml_collections.ConfigDict()
   e.batch_size = 500
-  e.num_inference_steps = 0  # 0 = num_blocks (each block runs once).
+  e.num_inference_steps = 0  # 0 = num_blocks (classification: each block runs once); generation: 0 = 50.
   e.normalized_embeddings = False  # x_hat from raw rows of E (release) or the L2-normalised rows.
   e.cfg_scale = 1.0  # Classifier-free guidance scale; 1.0 = plain conditional logits (no extra pass).
   e.step = 0  # --mode=eval: checkpoint step to evaluate (0 = latest).
+  # Image generation (model.kind 'dit' | 'dit_dblock'):
+  e.solver = 'euler'  # 'euler' or 'heun' (one extra model call per step).
+  e.sigma_grid = 'quantile'  # 'quantile' (equal quantiles of the log-normal, the release's) or 'karras' (rho = 7).
+  e.num_samples = 0  # Samples scored per evaluation (0 = as many as test images), class-balanced.
+  e.classifier_workdir = ''  # Workdir of a classifier trained here on the same data: eval/fd, eval/sample_accuracy.
+  e.feature_fn = ''  # 'module:function' mapping float [0, 1] NHWC images to features: eval/fd_external (e.g. FID).
 
   # --- devices (sharding.py) ---
   c.mesh = ml_collections.ConfigDict()
@@ -105,6 +113,23 @@ def get_base_config() -> ml_collections.ConfigDict:
   return c
 
 
+# model.kind -> (task, whether the depth is cut into blocks). The one place that says what a kind is.
+KINDS = {
+    'vit': ('classification', False),
+    'dblock': ('classification', True),
+    'dit': ('generation', False),
+    'dit_dblock': ('generation', True),
+}
+
+
+def task_name(config) -> str:
+  return KINDS[config.model.kind][0]
+
+
+def uses_blocks(config) -> bool:
+  return KINDS[config.model.kind][1]
+
+
 class ConfigError(ValueError):
   """An impossible or unknown setting; the message names the field."""
 
@@ -112,7 +137,9 @@ class ConfigError(ValueError):
 _CHOICES = {
     'data.source': ('tfds', 'digits', 'npz', 'folder'),
     'data.on_corrupt': ('error', 'skip'),
-    'model.kind': ('vit', 'dblock'),
+    'model.kind': tuple(KINDS),
+    'eval.solver': ('euler', 'heun'),
+    'eval.sigma_grid': ('quantile', 'karras'),
     'model.label_token': ('replace', 'concat'),
     'model.compute_dtype': ('float32', 'bfloat16'),
     'diffusion.loss_weighting': ('batch_mean', 'per_sample'),
@@ -128,7 +155,7 @@ def _get(config, dotted: str):
 
 def num_blocks(config) -> int:
   """B for a DiffusionBlocks config (1 for the baseline)."""
-  if config.model.kind != 'dblock':
+  if not uses_blocks(config):
     return 1
   return len(config.model.layers_per_block) or config.model.num_blocks
 
@@ -142,9 +169,9 @@ def validate(config, *, num_devices: int | None = None) -> None:
   m = config.model
   if m.hidden_size % m.num_heads:
     errors.append(f'config.model.hidden_size={m.hidden_size} is not divisible by config.model.num_heads={m.num_heads}')
-  if m.kind == 'dblock':
-    if m.hidden_size < 6:
-      errors.append(f'config.model.hidden_size={m.hidden_size} must be >= 6 (time embedding width hidden // 6)')
+  if m.kind == 'dblock' and m.hidden_size < 6:
+    errors.append(f'config.model.hidden_size={m.hidden_size} must be >= 6 (time embedding width hidden // 6)')
+  if m.kind in KINDS and uses_blocks(config):
     if m.layers_per_block:
       counts = tuple(m.layers_per_block)
       if len(counts) != m.num_blocks or sum(counts) != m.num_layers or min(counts) < 1:
@@ -159,6 +186,14 @@ def validate(config, *, num_devices: int | None = None) -> None:
       errors.append(f'config.{field}={_get(config, field)} must be >= 1')
   if not 0.0 <= config.diffusion.class_dropout_prob < 1.0:
     errors.append(f'config.diffusion.class_dropout_prob={config.diffusion.class_dropout_prob} must be in [0, 1)')
+  if m.kind in KINDS and task_name(config) == 'generation':
+    if m.hidden_size % 4:
+      errors.append(f'config.model.hidden_size={m.hidden_size} must be divisible by 4 (the DiT\'s 2-D sine-cosine '
+                    'positions)')
+    if config.eval.num_samples < 0:
+      errors.append(f'config.eval.num_samples={config.eval.num_samples} must be >= 0 (0 = the test split\'s size)')
+    if config.eval.cfg_scale < 0:
+      errors.append(f'config.eval.cfg_scale={config.eval.cfg_scale} must be >= 0 (1 = no guidance)')
   if config.eval.num_inference_steps < 0:
     errors.append(f'config.eval.num_inference_steps={config.eval.num_inference_steps} must be >= 0 (0 = B)')
   d = config.data
@@ -175,11 +210,12 @@ def validate(config, *, num_devices: int | None = None) -> None:
   if config.optim.lr <= 0:
     errors.append(f'config.optim.lr={config.optim.lr} must be > 0')
   uneven = len(set(m.layers_per_block)) > 1  # Equal depths are stacked on a block axis (core/blocks.py).
-  if config.parallel_blocks and (m.kind != 'dblock' or not m.independent_blocks or uneven):
-    errors.append('config.parallel_blocks=True needs config.model.kind=dblock, '
+  blockwise = m.kind in KINDS and uses_blocks(config)
+  if config.parallel_blocks and (not blockwise or not m.independent_blocks or uneven):
+    errors.append('config.parallel_blocks=True needs a block-wise config.model.kind (dblock, dit_dblock), '
                   'config.model.independent_blocks=True and blocks of equal depth (the block axis is sharded)')
-  if config.train.offload_idle_blocks and (m.kind != 'dblock' or uneven or config.parallel_blocks):
-    errors.append('config.train.offload_idle_blocks=True needs config.model.kind=dblock with blocks of equal depth '
+  if config.train.offload_idle_blocks and (not blockwise or uneven or config.parallel_blocks):
+    errors.append('config.train.offload_idle_blocks=True needs a block-wise config.model.kind with blocks of equal depth '
                   '(no uneven config.model.layers_per_block) and config.parallel_blocks=False')
   if num_devices is not None:
     data_devices = num_devices if config.mesh.data == -1 else config.mesh.data

@@ -72,6 +72,20 @@ def inference_sigmas(num_steps: int, edm: EDM = DEFAULT_EDM) -> np.ndarray:
   return _equiprobable(num_steps, edm)[::-1].copy()
 
 
+def karras_sigmas(num_steps: int, edm: EDM = DEFAULT_EDM, rho: float = 7.0) -> np.ndarray:
+  """N descending sigmas of EDM's sampler: equal steps in σ^(1/ρ) from σ_max to σ_min."""
+  if num_steps < 1:
+    raise ValueError(f'num_steps must be >= 1, got {num_steps}')
+  if num_steps == 1:
+    return np.array([edm.sigma_max])
+  ramp = np.linspace(0.0, 1.0, num_steps)
+  hi, lo = edm.sigma_max**(1 / rho), edm.sigma_min**(1 / rho)
+  return (hi + ramp * (lo - hi))**rho
+
+
+SIGMA_GRIDS = {'quantile': inference_sigmas, 'karras': karras_sigmas}
+
+
 def bucket(sigmas, num_blocks: int, edm: EDM = DEFAULT_EDM):
   """Index of the boundary interval holding each σ: (#boundaries ≤ σ) − 1, clipped to [0, B−1]."""
   bounds = jnp.asarray(block_sigmas(num_blocks, edm), jnp.float32)
@@ -141,8 +155,11 @@ class LogNormalPartition:
     noise = jax.random.normal(key, x0.shape, jnp.float32)
     return x0 + sigmas.reshape((-1,) + (1,) * (x0.ndim - 1)) * noise
 
-  def inference_levels(self, num_steps: int) -> np.ndarray:
-    return inference_sigmas(num_steps, self.edm)
+  def inference_levels(self, num_steps: int, grid: str = 'quantile') -> np.ndarray:
+    """The sampler's N descending σ: 'quantile' (the release's grid) or 'karras' (ρ = 7)."""
+    if grid not in SIGMA_GRIDS:
+      raise ValueError(f"sigma grid must be one of {sorted(SIGMA_GRIDS)}, got {grid!r}")
+    return SIGMA_GRIDS[grid](num_steps, self.edm)
 
   def route_static(self, sigma: float) -> int:
     return route_static(sigma, self.num_blocks, self.edm)
@@ -151,9 +168,13 @@ class LogNormalPartition:
     """The sampler's start: N(0, 1 + σ²) as the release draws it (a unit-norm target plus noise σ)."""
     return jax.random.normal(key, shape, jnp.float32) * np.sqrt(1.0 + sigma**2)
 
-  def euler(self, x: jax.Array, x_hat: jax.Array, sigma: float, next_sigma: float) -> jax.Array:
-    """One Euler step of dx/dσ = (x − x̂)/σ (SPEC §7)."""
-    return x + (next_sigma - sigma) * (x - x_hat) / sigma
+  def velocity(self, x: jax.Array, x_hat: jax.Array, sigma) -> jax.Array:
+    """dx/dσ = (x − x̂)/σ of the probability-flow ODE."""
+    return (x - x_hat) / sigma
+
+  def euler(self, x: jax.Array, x_hat: jax.Array, sigma, next_sigma) -> jax.Array:
+    """One Euler step of dx/dσ (SPEC §7)."""
+    return x + (next_sigma - sigma) * self.velocity(x, x_hat, sigma)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Entry point: parses flags and calls the library.
 
   python -m diffblocks_jax.main --config=configs/cifar100_dblock.py --workdir=workdirs/run1 \
-      [--mode=train|eval] [--config.optim.lr=5e-4 ...]
+      [--mode=train|eval|sample] [--config.optim.lr=5e-4 ...]
 """
 
 import sys
@@ -13,7 +13,9 @@ from diffblocks_jax import distributed, locking, train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and logs.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'Train (and resume), or evaluate a checkpoint.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'sample'],
+                          'Train (and resume), evaluate a checkpoint, or write samples (image generation).')
+_NUM_SAMPLES = flags.DEFINE_integer('num_samples', 100, '--mode=sample: how many samples go into the .npz.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -32,8 +34,10 @@ def main(argv):
     except locking.WorkdirBusyError as e:
       logging.error('%s', e)
       sys.exit(2)
-  else:
+  elif _MODE.value == 'eval':
     train.evaluate(config, _WORKDIR.value)
+  else:
+    train.sample(config, _WORKDIR.value, _NUM_SAMPLES.value)
 
 
 if __name__ == '__main__':

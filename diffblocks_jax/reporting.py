@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import struct
 import time
+import zlib
 
 from absl import logging
 import numpy as np
@@ -96,3 +98,23 @@ class Progress:
     img_s = f'{rate * self.batch_size:,.0f}' if rate == rate else '?'
     return (f'step {step}/{self.total} (epoch {step / self.steps_per_epoch:.2f}) {shown} | '
             f'{img_s} img/s | ETA {format_duration(eta)}')
+
+
+def write_png(path: str, image: np.ndarray) -> None:
+  """An (H, W) or (H, W, 1|3) uint8 array as a PNG (written here: no imaging library needed)."""
+  image = np.asarray(image)
+  if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] not in (1, 3)):
+    raise ValueError(f'write_png needs uint8 (H, W) or (H, W, 1|3), got {image.dtype} {image.shape}')
+  if image.ndim == 3 and image.shape[-1] == 1:
+    image = image[..., 0]
+  h, w = image.shape[:2]
+  color_type = 0 if image.ndim == 2 else 2  # Greyscale or RGB, 8 bits.
+  rows = b''.join(b'\x00' + image[r].tobytes() for r in range(h))  # Filter type 0 on every row.
+  chunk = lambda tag, data: (struct.pack('>I', len(data)) + tag + data +
+                             struct.pack('>I', zlib.crc32(tag + data) & 0xffffffff))
+  png = (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, 8, color_type, 0, 0, 0)) +
+         chunk(b'IDAT', zlib.compress(rows, 9)) + chunk(b'IEND', b''))
+  tmp = path + '.tmp'
+  with open(tmp, 'wb') as f:
+    f.write(png)
+  os.replace(tmp, path)  # A reader never sees half a picture.

@@ -19,7 +19,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from diffblocks_jax import checkpointing, diffusion, locking, models, reporting, sharding
+from diffblocks_jax import checkpointing, diffusion, locking, models, reporting, sampling, sharding, tasks
 from diffblocks_jax import config as config_lib
 from diffblocks_jax.core import blocks, optim, steps
 from diffblocks_jax.data import input_pipeline
@@ -47,7 +47,7 @@ class Experiment:
   def _init(self) -> steps.TrainState:
     c, d = self.config, self.data
     model = models.build(c.model, image_size=d.image_size, channels=d.channels, num_classes=d.num_classes,
-                         seed=c.seed)
+                         seed=c.seed, sigma_data=c.diffusion.sigma_data)
     return steps.init_state(models.split(model)[1], c.seed)
 
 
@@ -72,14 +72,15 @@ def experiment_from_data(config, data: input_pipeline.Dataset, mesh=None) -> Exp
                                  f'{len(data.train_images)} training examples')
   # Block-parallel training updates every block each step: num_epochs of steps already give each block the
   # updates that B·num_epochs sequential epochs give it on average (SPEC §5.7).
-  block_factor = num_blocks if (config.model.kind == 'dblock' and config.train.scale_epochs_by_blocks
+  block_factor = num_blocks if (config_lib.uses_blocks(config) and config.train.scale_epochs_by_blocks
                                 and not config.parallel_blocks) else 1
   total_steps = config.train.num_epochs * block_factor * steps_per_epoch
   warmup_steps = round(config.optim.warmup_epochs * block_factor * steps_per_epoch)
   schedule = optim.make_schedule(config.optim, total_steps, warmup_steps)
   exp = Experiment(config, mesh, data, None, None, num_blocks, steps_per_epoch, total_steps, schedule)
   abstract_model = nnx.eval_shape(lambda: models.build(
-      config.model, image_size=data.image_size, channels=data.channels, num_classes=data.num_classes))
+      config.model, image_size=data.image_size, channels=data.channels, num_classes=data.num_classes,
+      sigma_data=config.diffusion.sigma_data))
   exp.graphdef = models.split(abstract_model)[0]
   abstract = jax.eval_shape(exp._init)
   shardings = sharding.state_shardings(mesh, abstract, offload=config.train.offload_idle_blocks)
@@ -97,12 +98,12 @@ def put_train_split(exp: Experiment):
 def make_train_step(exp: Experiment, *, block: int | None = None):
   """The config's step; block-parallel training steps every block at once (`steps.make_parallel_step`)."""
   c = exp.config
+  task = tasks.module(c)
   if c.parallel_blocks:
-    return steps.make_parallel_step(exp.graphdef, classification.Classification.from_config(c),
-                                    classification.partition(c), c.optim, exp.schedule,
-                                    condition_dropout=c.diffusion.class_dropout_prob)
-  return classification.make_train_step(exp.graphdef, c, exp.schedule, block=block,
-                                        placement=blocks.Placement(host=c.train.offload_idle_blocks))
+    return steps.make_parallel_step(exp.graphdef, task.make_task(c, exp.data), task.partition(c), c.optim,
+                                    exp.schedule, condition_dropout=c.diffusion.class_dropout_prob)
+  return task.make_train_step(exp.graphdef, c, exp.schedule, data=exp.data, block=block,
+                              placement=blocks.Placement(host=c.train.offload_idle_blocks))
 
 
 def make_train_chunk(exp: Experiment, *, block: int | None = None, train_step=None):
@@ -113,6 +114,7 @@ def make_train_chunk(exp: Experiment, *, block: int | None = None, train_step=No
   """
   config, mesh = exp.config, exp.mesh
   train_step = train_step or make_train_step(exp, block=block)
+  train_batch = tasks.module(config).train_batch
   batch = config.train.batch_size
   num_local = len(exp.data.train_labels)
   num_padded = sharding.padded_rows(mesh, num_local)
@@ -139,7 +141,7 @@ def make_train_chunk(exp: Experiment, *, block: int | None = None, train_step=No
     else:
       x = augment(data_key, images_b)
     x = jax.lax.with_sharding_constraint(x, sharding.batch_sharding(mesh))
-    return train_step(state, x, labels_b)
+    return train_step(state, *train_batch(x, labels_b))
 
   def chunk(state, images_u8, labels, num_steps):
     return jax.lax.scan(lambda s, _: body(s, images_u8, labels), state, None, length=num_steps)
@@ -171,6 +173,56 @@ def make_eval_fn(exp: Experiment, **sampler_overrides):
 def evaluate_params(exp: Experiment, params, **sampler_overrides) -> float:
   logits = make_eval_fn(exp, **sampler_overrides)(params)
   return classification.accuracy(logits, exp.data.test_labels)
+
+
+def make_evaluator(exp: Experiment, workdir: str):
+  """(params, step) -> (metrics, log line) of the config's task, built (and its inputs checked) up front."""
+  if config_lib.task_name(exp.config) == 'classification':
+    eval_fn = make_eval_fn(exp)
+
+    def classification_eval(params, step):
+      del step
+      accuracy = classification.accuracy(eval_fn(params), exp.data.test_labels)
+      return {'eval/accuracy': accuracy}, f'test accuracy {accuracy:.4f} on {len(exp.data.test_labels)} images'
+
+    return classification_eval
+  e = exp.config.eval
+  evaluator = sampling.GenerationEvaluator(exp, workdir, classifier=load_classifier(exp),
+                                           feature_fn=sampling.load_feature_fn(e.feature_fn) if e.feature_fn else None)
+
+  def generation_eval(params, step):
+    metrics = evaluator(params, step)
+    return metrics, sampling.describe(metrics, evaluator.num_samples)
+
+  return generation_eval
+
+
+def load_classifier(exp: Experiment) -> sampling.Classifier | None:
+  """The classifier of config.eval.classifier_workdir (a finished run on the same data), checked up front."""
+  path = exp.config.eval.classifier_workdir
+  if not path:
+    logging.warning('config.eval.classifier_workdir is empty: no eval/fd or eval/sample_accuracy, only sample '
+                    'grids. Train a classifier on the same data first (e.g. configs/digits_vit.py) and pass '
+                    'its workdir.')
+    return None
+  try:
+    cls_config = config_lib.load_workdir(path)
+  except FileNotFoundError as e:
+    raise config_lib.ConfigError(f'config.eval.classifier_workdir={path!r}: {e}') from None
+  if config_lib.task_name(cls_config) != 'classification':
+    raise config_lib.ConfigError(f'config.eval.classifier_workdir={path!r} holds a {cls_config.model.kind!r} '
+                                 'run, not a classifier (model.kind vit or dblock)')
+  fields = ('source', 'name', 'path', 'split_seed', 'train_split', 'test_split', 'label_key')
+  differ = [f for f in fields if cls_config.data.get(f) != exp.config.data.get(f)]
+  if differ:
+    raise config_lib.ConfigError(f'config.eval.classifier_workdir={path!r} was trained on other data '
+                                 f'(config.data.{", ".join(differ)} differ): FD needs the same dataset')
+  if cls_config.model.kind != 'vit':
+    raise config_lib.ConfigError(f'config.eval.classifier_workdir={path!r}: the features come from the '
+                                 "end-to-end ViT (model.kind 'vit'), not 'dblock'")
+  cls_exp, state = load_trained(cls_config, path)
+  logging.info('Quality features: the ViT classifier of %s (checkpoint step %d).', path, int(state.step))
+  return sampling.Classifier(cls_exp.graphdef, sharding.on_device(state.params), cls_config.data, path)
 
 
 EXIT_PREEMPTED = 75  # Exit status of a run stopped by SIGTERM after saving (EX_TEMPFAIL: run it again).
@@ -231,7 +283,8 @@ def _train_loop(config, workdir: str, lead: bool, stop: _StopFlag) -> dict[str, 
     state = exp.init_state()
     logging.info('Starting from scratch: %d steps (%d per epoch, B=%d).', exp.total_steps,
                  exp.steps_per_epoch, exp.num_blocks)
-    if config.model.kind == 'dblock':  # Where each block trains vs. where the sampler calls it (README).
+    if config_lib.task_name(config) == 'classification' and config_lib.uses_blocks(config):
+      # Where each block trains vs. where the sampler calls it (README).
       for line in diffusion.noise_plan_for(config, exp.num_blocks):
         logging.info('%s', line)
   else:
@@ -239,7 +292,7 @@ def _train_loop(config, workdir: str, lead: bool, stop: _StopFlag) -> dict[str, 
     logging.info('Resumed from %s at step %d of %d.', ckpt.directory, start, exp.total_steps)
   images, labels = put_train_split(exp)
   chunk_fn = make_train_chunk(exp)
-  eval_fn = make_eval_fn(exp)
+  evaluator = make_evaluator(exp, workdir)
   writer = reporting.MetricWriter(workdir, enabled=lead)
   progress = reporting.Progress(exp.total_steps, config.train.batch_size, exp.steps_per_epoch)
   eval_every = max(1, round(config.train.eval_every_epochs * exp.steps_per_epoch)) \
@@ -293,11 +346,11 @@ def _train_loop(config, workdir: str, lead: bool, stop: _StopFlag) -> dict[str, 
       if need_ckpt:
         save(step)
       if need_eval:
-        accuracy = classification.accuracy(eval_fn(state.params), exp.data.test_labels)
-        writer.write(step, {'eval/accuracy': accuracy})
-        result['eval/accuracy'] = accuracy
+        metrics, line = evaluator(state.params, step)
+        writer.write(step, metrics)
+        result.update(metrics)
         if lead:
-          logging.info('step %d: test accuracy %.4f on %d images', step, accuracy, len(exp.data.test_labels))
+          logging.info('step %d: %s', step, line)
     if pending is not None:
       flush(pending)
   except (KeyboardInterrupt, Preempted) as e:
@@ -341,13 +394,23 @@ def load_trained(config, workdir: str, step: int | None = None):
 
 
 def evaluate(config, workdir: str) -> dict[str, float]:
-  """--mode=eval: test accuracy of the latest (or config.eval.step) checkpoint, logged and returned."""
+  """--mode=eval: the task's test figures for the latest (or config.eval.step) checkpoint, logged and returned."""
   exp, state = load_trained(config, workdir, config.eval.step)
-  accuracy = evaluate_params(exp, state.params)
   step = int(state.step)
-  logging.info('Checkpoint step %d: test accuracy %.4f on %d images.', step, accuracy,
-               len(exp.data.test_labels))
+  metrics, line = make_evaluator(exp, workdir)(state.params, step)
+  logging.info('Checkpoint step %d: %s.', step, line)
+  result = {'step': step, **metrics}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'eval.json'), 'w') as f:
-      json.dump({'step': step, 'eval/accuracy': accuracy}, f)
-  return {'step': step, 'eval/accuracy': accuracy}
+      json.dump(result, f)
+  return result
+
+
+def sample(config, workdir: str, num_samples: int = 100) -> str:
+  """--mode=sample (image generation): the class grid and `num_samples` samples of the latest checkpoint."""
+  if config_lib.task_name(config) != 'generation':
+    raise config_lib.ConfigError(f'--mode=sample needs an image-generation config (model.kind dit or '
+                                 f'dit_dblock), not model.kind={config.model.kind!r}')
+  exp, state = load_trained(config, workdir, config.eval.step)
+  return sampling.write_samples(sampling.GenerationEvaluator(exp, workdir), state.params, int(state.step),
+                                num_samples, config.seed)

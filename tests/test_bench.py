@@ -99,3 +99,20 @@ def test_block_step_needs_a_fraction_of_the_baseline_temp_memory():
   # The real (switch) step: activations and gradients exist for one block of L/B layers (SPEC §1).
   assert dblock[3] <= 0.5 * baseline, (dblock, baseline)
   assert baseline > dblock[2] > dblock[3] > dblock[6], (dblock, baseline)
+
+
+def test_generation_rows_train_and_sample_both_models():
+  """A tiny DiT setting: training rows of both models and the 50-step sampler's rows (no speed asserted)."""
+  config = bench.suite_config('float32', batch=8, hidden_size=16, num_heads=2, num_layers=3, num_blocks=3)
+  config.model.kind, config.eval.batch_size = 'dit', 4
+  config.data.mean, config.data.std = (0.5,), (0.5,)
+  setting = bench.Setting('tiny_dit', config, 8, 1, 10, 'CI-sized')
+  assert bench.variants(setting) == ['baseline', 'dblock_mix', 'sample_baseline', 'sample_dblock']
+  data, states = bench.synthetic_data(setting), {}
+  rows = {v: bench.run_variant(setting, v, data, windows=1, steps_per_window=1, compiler_options=FAST_COMPILE,
+                               states=states) for v in bench.variants(setting)}
+  assert [rows[v]['model_kind'] for v in rows] == ['dit', 'dit_dblock', 'dit', 'dit_dblock']
+  assert rows['sample_dblock']['phase'] == 'eval' and rows['sample_dblock']['batch'] == 4
+  assert rows['baseline']['num_params'] == rows['dblock_mix']['num_params']  # Shared outer parts: same model.
+  for r in rows.values():
+    assert set(r) == RECORD_FIELDS and math.isfinite(r['img_per_s']) and r['img_per_s'] > 0

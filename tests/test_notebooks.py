@@ -1,8 +1,9 @@
 """The notebooks, executed headless against freshly trained tiny workdirs and a tiny benchmark JSON.
 
 Every cell must run without error and the figures must render (`image/png` outputs). One test does all the
-work, so that `pytest -n 2` does not train the workdirs twice; the benchmark runs in a subprocess alongside
-the training and the first notebooks. The committed notebooks must carry no outputs.
+classification work, so that `pytest -n 2` does not train the workdirs twice; the benchmark runs in a subprocess
+alongside the training and the first notebooks. generate.ipynb has its own test and its own tiny runs (a
+classifier and a DiffusionBlocks DiT). The committed notebooks must carry no outputs.
 """
 
 import json
@@ -19,7 +20,8 @@ from diffblocks_jax import reporting
 from conftest import HANG_GUARD_S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NOTEBOOKS = {name: os.path.join(ROOT, 'notebooks', f'{name}.ipynb') for name in ('evaluate', 'training_curves')}
+NOTEBOOKS = {name: os.path.join(ROOT, 'notebooks', f'{name}.ipynb')
+             for name in ('evaluate', 'generate', 'training_curves')}
 CELL_TIMEOUT_S = HANG_GUARD_S
 # At this size a CPU spends its time compiling; cheaper LLVM settings roughly halve that (numerics don't matter).
 FAST_ENV = {'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '2',
@@ -127,6 +129,58 @@ def test_notebooks_execute_and_draw(tmp_path):
       bench.wait()
   assert 'final test accuracy' in text(nb), text(nb)
   assert num_figures(nb) >= 3, text(nb)  # Curves, throughput, memory.
+
+
+# A tiny ViT classifier (the quality figures' features) and a tiny DiffusionBlocks DiT scored with it, in one
+# process. Two evaluations (every half epoch), each drawing the class grid and eval.num_samples samples.
+GENERATE_TRAIN_SCRIPT = '''
+import sys
+from diffblocks_jax import config as config_lib, train
+classifier_workdir, dit_workdir = sys.argv[1:]
+config = config_lib.load_file('configs/testing.py:vit')
+config.data.source = 'digits'
+config.data.mean, config.data.std = (0.3,), (0.4,)
+config.model.patch_size = 2
+config.train.num_epochs = 1
+config.train.batch_size = 64
+config.train.steps_per_call = config.train.log_every_steps = 11
+config.train.checkpoint_every_steps = 10**6  # Only the final checkpoint.
+config.train.eval_every_epochs = 0.0  # Only at the end.
+config.eval.batch_size = 120
+train.train_and_evaluate(config, classifier_workdir)
+
+config = config_lib.load_file('configs/digits_dit_dblock.py')
+config.model.hidden_size, config.model.num_heads, config.model.num_layers = 16, 2, 3  # One layer per block.
+config.model.mlp_dim = 32
+config.train.num_epochs = 1
+config.train.batch_size = 64
+config.train.steps_per_call = config.train.log_every_steps = 11
+config.train.checkpoint_every_steps = 10**6
+config.train.eval_every_epochs = 0.5
+config.eval.num_inference_steps = 4
+config.eval.num_samples = config.eval.batch_size = 40
+config.eval.classifier_workdir = classifier_workdir
+train.train_and_evaluate(config, dit_workdir)
+'''
+
+
+def test_generate_notebook_executes_and_draws(tmp_path):
+  env = with_cache({**os.environ, **FAST_ENV}, str(tmp_path / 'xla_cache'))
+  classifier, dit = str(tmp_path / 'vit'), str(tmp_path / 'dit_dblock')
+  check_process([sys.executable, '-c', GENERATE_TRAIN_SCRIPT, classifier, dit], str(tmp_path / 'train.log'), env,
+                timeout=HANG_GUARD_S)
+  assert any('eval/fd' in r for r in reporting.read_metrics(dit)), reporting.read_metrics(dit)
+
+  # The sweeps at the run's own batch (40 samples, one batch) and around its settings (N=4, s=2): the sampler
+  # and classifier compiles of training's evaluation come from the cache.
+  nb = execute('generate', env, DIFFBLOCKS_WORKDIR=dit, DIFFBLOCKS_PER_CLASS='4', DIFFBLOCKS_NUM_SWEEP_SAMPLES='40',
+               DIFFBLOCKS_CFG_SCALES='1,2', DIFFBLOCKS_STEP_COUNTS='2,4')
+  # Class grid, trajectory, two figures per sweep (grids, scores), the training curves.
+  assert num_figures(nb) >= 5, text(nb)
+  for pattern in (r's=1\.0: accuracy [0-9.]+, FD [0-9.]+', r's=2\.0: accuracy [0-9.]+',
+                  r'N=2: accuracy [0-9.]+, FD [0-9.]+', r'N=4: accuracy [0-9.]+', r'block 2: steps '):
+    assert re.search(pattern, text(nb)), (pattern, text(nb))
+  assert 'last evaluation (step 22)' in text(nb), text(nb)
 
 
 @pytest.mark.parametrize('name', sorted(NOTEBOOKS))

@@ -133,7 +133,8 @@ class ViT(nnx.Module):
     self.norm = layer_norm(h, cfg.layer_norm_eps, dtype, rngs)
     self.head = dense(h, num_classes, dtype, rngs)
 
-  def __call__(self, images: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
+  def features(self, images: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
+    """The normalised CLS token the head reads (N, hidden): the feature space of the offline FD."""
     keys = KeyStream(key)
     x = self.patch(images.astype(self.dtype))
     cls = jnp.broadcast_to(self.cls_token[...], (x.shape[0], 1, x.shape[-1])).astype(x.dtype)
@@ -141,4 +142,7 @@ class ViT(nnx.Module):
     x = dropout(x, self.dropout, keys())
     for layer in self.layers:
       x = layer(x, keys)
-    return self.head(self.norm(x)[:, 0]).astype(jnp.float32)
+    return self.norm(x)[:, 0]
+
+  def __call__(self, images: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
+    return self.head(self.features(images, key=key)).astype(jnp.float32)

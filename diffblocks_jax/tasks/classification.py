@@ -81,14 +81,24 @@ class Classification:
 
 # ----------------------------------------------------------------------------------- from a config
 
+def make_task(config, data=None) -> Classification:
+  del data  # The label table lives in the model.
+  return Classification.from_config(config)
+
+
 def partition(config) -> diffusion.LogNormalPartition:
   return diffusion.LogNormalPartition.from_config(config_lib.num_blocks(config), config.diffusion)
 
 
-def make_train_step(graphdef, config, schedule, *, block: int | None = None,
+def train_batch(images, labels):
+  """(inputs, targets) of a step: the image conditions, the label is the target."""
+  return images, labels
+
+
+def make_train_step(graphdef, config, schedule, *, data=None, block: int | None = None,
                     placement: blocks.Placement = blocks.ON_DEVICE):
   """The config's step: end-to-end for model.kind 'vit', block-wise for 'dblock' (`block` fixes the block)."""
-  task = Classification.from_config(config)
+  task = make_task(config, data)
   if config.model.kind == 'vit':
     return steps.make_end_to_end_step(graphdef, task, config.optim, schedule)
   return steps.make_block_step(graphdef, task, partition(config), config.optim, schedule,

@@ -1,4 +1,4 @@
-"""Throughput and memory of the baseline ViT against DiffusionBlocks, on synthetic data (SPEC §10).
+"""Throughput and memory of the baseline against DiffusionBlocks, on synthetic data (SPEC §10).
 
   python -m diffblocks_jax.tools.bench [--suite=release|tiny] [--json=FILE] [--windows=N --steps_per_window=K]
   python -m diffblocks_jax.tools.bench --config=configs/cifar100_dblock.py [--config.model.compute_dtype=bfloat16]
@@ -19,6 +19,10 @@ Runs on one device. The runtime peak is a process-wide high-water mark that cann
 `--isolate` a row's figure includes every earlier row; `--isolate` runs each row in its own process.
 `--randaugment` adds the baseline and mixed rows with RandAugment on: their img/s against the plain rows is
 its cost.
+Image generation (a config whose model.kind is 'dit' or 'dit_dblock', e.g. `--suite=dit` or
+`--config=configs/digits_dit.py --image_size=8 --channels=1 --num_classes=10`): training rows of both models
+and `sample_baseline` / `sample_dblock`, images per second of the config's sampler (50 Euler steps with
+guidance by default), where each DiffusionBlocks step runs one block.
 """
 
 from __future__ import annotations
@@ -43,11 +47,11 @@ from ml_collections import config_flags
 from diffblocks_jax import config as config_lib
 from diffblocks_jax import sharding, train
 from diffblocks_jax.data import input_pipeline
-from diffblocks_jax.tasks import classification
+from diffblocks_jax.tasks import classification, generation
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Benchmark this config instead of a suite.',
                                           lock_config=True)
-_SUITE = flags.DEFINE_enum('suite', 'release', ['release', 'tiny'], 'Built-in settings (without --config).')
+_SUITE = flags.DEFINE_enum('suite', 'release', ['release', 'tiny', 'dit'], 'Built-in settings (without --config).')
 _JSON = flags.DEFINE_string('json', None, 'Write the records here (a JSON list).')
 _WINDOWS = flags.DEFINE_integer('windows', None, 'Timed windows (median taken); default by suite.')
 _STEPS = flags.DEFINE_integer('steps_per_window', None, 'Steps (or eval batches) per window; default by suite.')
@@ -104,10 +108,25 @@ def tiny_suite() -> list[Setting]:
   return [Setting('tiny_float32', config, 8, 3, 10, 'CI-sized')]
 
 
+def dit_suite() -> list[Setting]:
+  """Image generation: DiT-S/2 on CIFAR-10-shaped data as configs/cifar10_dit.py (batch 128, float32), B=3."""
+  c = suite_config('float32', hidden_size=384, num_layers=12, num_heads=6, patch_size=2)
+  c.model.kind = 'dit'
+  c.diffusion.class_dropout_prob, c.eval.num_inference_steps, c.eval.cfg_scale = 0.1, 50, 2.0
+  c.eval.batch_size = 128
+  return [Setting('cifar10_dit_s2_float32', c, 32, 3, 10, 'paper Table 2 CIFAR-10 model, batch 128, B=3')]
+
+
+def is_generation(setting: Setting) -> bool:
+  return config_lib.task_name(setting.config) == 'generation'
+
+
 COMPILE_SWEEP = (2, 3, 6)  # Numbers of blocks whose step's compile time is reported at the setting's depth.
 
 
 def variants(setting: Setting, randaugment: bool = False) -> list[str]:
+  if is_generation(setting):
+    return ['baseline', 'dblock_mix', 'sample_baseline', 'sample_dblock']
   config = variant_config(setting.config, kind='dblock')
   num_blocks = config_lib.num_blocks(config)
   stacked = len(set(config.model.layers_per_block)) <= 1
@@ -118,8 +137,11 @@ def variants(setting: Setting, randaugment: bool = False) -> list[str]:
 
 
 def variant_config(config, *, kind: str, randaugment: bool = False):
-  """A copy of a setting's config for one row: the model kind, RandAugment on if asked (or already)."""
+  """A copy of a setting's config for one row: the model kind ('vit'/'dblock', or for generation settings
+  their 'dit'/'dit_dblock'), RandAugment on if asked (or already)."""
   c = config.copy_and_resolve_references()
+  if config_lib.task_name(config) == 'generation':
+    kind = {'vit': 'dit', 'dblock': 'dit_dblock'}.get(kind, kind)
   c.model.kind, c.data.randaugment = kind, c.data.randaugment or randaugment
   return c
 
@@ -219,6 +241,20 @@ def _time_eval(exp: train.Experiment, windows: int, num_steps: int, options, sta
   return window_times(run_window, windows), compile_s, len(images), memory_fields(compiled)
 
 
+def _time_sample(exp: train.Experiment, windows: int, num_steps: int, options, states: dict[str, Any]):
+  """Sampling img/s: `num_steps` calls of the config's sampler on an evaluation batch of labels."""
+  fn = jax.jit(generation.make_sample_fn(exp.graphdef, exp.config, exp.data))
+  kind = exp.config.model.kind
+  params = (states[kind] if kind in states else exp.init_state()).params
+  labels = jax.device_put(exp.data.test_labels)
+  key = jax.random.key(0)
+  start = time.perf_counter()
+  compiled = fn.lower(params, labels, key).compile(options)
+  compile_s = time.perf_counter() - start
+  run_window = lambda: [compiled(params, labels, jax.random.fold_in(key, i)) for i in range(num_steps)]
+  return window_times(run_window, windows), compile_s, len(labels), memory_fields(compiled)
+
+
 def _runtime_peak() -> int | None:
   stats = jax.local_devices()[0].memory_stats()  # None on CPU.
   return None if not stats or 'peak_bytes_in_use' not in stats else int(stats['peak_bytes_in_use'])
@@ -243,7 +279,9 @@ def run_variant(setting: Setting, variant: str, data: input_pipeline.Dataset, *,
     config.model.num_blocks, config.model.layers_per_block = int(name.removeprefix('compile_B')), ()
   mesh = sharding.make_mesh(config, devices=jax.local_devices()[:1])
   exp = train.experiment_from_data(config, data, mesh=mesh)
-  if name.startswith('eval'):
+  if name.startswith('sample'):
+    times, compile_s, batch, memory = _time_sample(exp, windows, steps_per_window, compiler_options, states)
+  elif name.startswith('eval'):
     times, compile_s, batch, memory = _time_eval(exp, windows, steps_per_window, compiler_options, states)
   elif name.startswith('compile_B'):
     times, compile_s, batch, memory = _compile_only(exp, steps_per_window, compiler_options)
@@ -253,8 +291,8 @@ def run_variant(setting: Setting, variant: str, data: input_pipeline.Dataset, *,
   seconds = statistics.median(times) / steps_per_window
   m = config.model
   return dict(
-      config=setting.name, note=setting.note, variant=variant, phase='eval' if name.startswith('eval') else 'train',
-      model_kind=kind, block='mix' if name in ('dblock_mix', 'dblock_offload') else block,
+      config=setting.name, note=setting.note, variant=variant, phase='eval' if name.startswith(('eval', 'sample')) else 'train',
+      model_kind=config.model.kind, block='mix' if name in ('dblock_mix', 'dblock_offload') else block,
       offload_idle_blocks=bool(config.train.offload_idle_blocks), dtype=m.compute_dtype, batch=batch,
       image_size=setting.image_size, channels=setting.channels, num_classes=setting.num_classes,
       hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
@@ -312,7 +350,7 @@ def _settings() -> tuple[list[Setting], int, int]:
     config = _CONFIG.value
     config.mesh.data = 1
     return [Setting(name, config, _IMAGE_SIZE.value, _CHANNELS.value, _NUM_CLASSES.value, '--config')], 5, 20
-  return (release_suite(), 5, 20) if _SUITE.value == 'release' else (tiny_suite(), 2, 2)
+  return {'release': (release_suite(), 5, 20), 'tiny': (tiny_suite(), 2, 2), 'dit': (dit_suite(), 3, 5)}[_SUITE.value]
 
 
 def main(argv):
