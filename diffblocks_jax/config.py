@@ -3,6 +3,8 @@
 Experiment files import `get_base_config()` and override what differs. Every field is documented here once.
 """
 
+import math
+
 import ml_collections
 
 
@@ -160,42 +162,103 @@ def num_blocks(config) -> int:
   return len(config.model.layers_per_block) or config.model.num_blocks
 
 
+# Numeric fields and the range each must lie in: (test, the rule as the message states it); every value must
+# also be a finite number. A value outside is refused before anything loads: many would otherwise fail deep
+# inside (hidden_size=0, pad_crop<0) or train silently wrong (grad_clip<0 reverses the gradient, lr=nan).
+_RANGES = {
+    'model.hidden_size': (lambda v: v >= 1, '>= 1'),
+    'model.num_heads': (lambda v: v >= 1, '>= 1'),
+    'model.num_layers': (lambda v: v >= 1, '>= 1'),
+    'model.mlp_dim': (lambda v: v >= 1, '>= 1'),
+    'model.mlp_ratio': (lambda v: v > 0, '> 0'),
+    'model.patch_size': (lambda v: v >= 1, '>= 1'),
+    'model.num_blocks': (lambda v: v >= 1, '>= 1'),
+    'model.dropout': (lambda v: 0 <= v < 1, 'in [0, 1)'),
+    'model.attention_dropout': (lambda v: 0 <= v < 1, 'in [0, 1)'),
+    'model.layer_norm_eps': (lambda v: v > 0, '> 0'),
+    'diffusion.sigma_min': (lambda v: v > 0, '> 0'),
+    'diffusion.sigma_max': (lambda v: v > 0, '> 0'),
+    'diffusion.p_mean': (lambda v: True, 'any finite number'),
+    'diffusion.p_std': (lambda v: v > 0, '> 0'),
+    'diffusion.sigma_data': (lambda v: v > 0, '> 0'),
+    'diffusion.overlap': (lambda v: v >= 0, '>= 0 (0 = no overlap)'),
+    'diffusion.class_dropout_prob': (lambda v: 0 <= v < 1, 'in [0, 1)'),
+    'optim.lr': (lambda v: v > 0, '> 0'),
+    'optim.b1': (lambda v: 0 <= v < 1, 'in [0, 1)'),
+    'optim.b2': (lambda v: 0 <= v < 1, 'in [0, 1)'),
+    'optim.eps': (lambda v: v > 0, '> 0'),
+    'optim.weight_decay': (lambda v: v >= 0, '>= 0'),
+    'optim.grad_clip': (lambda v: v >= 0, '>= 0 (0 = off; a negative norm bound would reverse the gradient)'),
+    'optim.warmup_epochs': (lambda v: v >= 0, '>= 0'),
+    'optim.min_lr': (lambda v: v >= 0, '>= 0'),
+    'data.pad_crop': (lambda v: v >= 0, '>= 0 (0 = off)'),
+    'train.batch_size': (lambda v: v >= 1, '>= 1'),
+    'train.num_epochs': (lambda v: v >= 1, '>= 1'),
+    'train.steps_per_call': (lambda v: v >= 1, '>= 1'),
+    'train.log_every_steps': (lambda v: v >= 1, '>= 1'),
+    'train.checkpoint_every_steps': (lambda v: v >= 1, '>= 1'),
+    'train.keep_checkpoints': (lambda v: v >= 1, '>= 1'),
+    'train.eval_every_epochs': (lambda v: v >= 0, '>= 0 (0 = only at the end)'),
+    'eval.batch_size': (lambda v: v >= 1, '>= 1'),
+    'eval.num_inference_steps': (lambda v: v >= 0, '>= 0 (0 = B)'),
+    'eval.num_samples': (lambda v: v >= 0, ">= 0 (0 = the test split's size)"),
+    'eval.cfg_scale': (lambda v: v >= 0, '>= 0 (1 = no guidance)'),
+}
+
+
+def _range_errors(config) -> dict[str, str]:
+  """field -> its error, for the fields of _RANGES whose values are out of range."""
+  errors = {}
+  for field, (ok, rule) in _RANGES.items():
+    section, name = field.split('.')
+    if name not in config[section]:  # A config saved before the field existed: its default applies.
+      continue
+    value = config[section][name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+      errors[field] = f'config.{field}={value!r} is not a finite number (it must be {rule})'
+    elif not ok(value):
+      errors[field] = f'config.{field}={value!r} must be {rule}'
+  return errors
+
+
+def _partition_errors(m) -> list[str]:
+  """How the depth is cut into blocks (SPEC §3): the one statement of the rule (`models.partition_layers`
+  only refuses what is no partition at all, pointing here)."""
+  if m.layers_per_block:
+    counts = tuple(m.layers_per_block)
+    if len(counts) != m.num_blocks or sum(counts) != m.num_layers or min(counts) < 1:
+      return [f'config.model.layers_per_block={counts} must have config.model.num_blocks={m.num_blocks} '
+              f'positive entries summing to config.model.num_layers={m.num_layers}']
+  elif m.num_blocks >= 1 and m.num_layers % m.num_blocks:
+    return [f'config.model.num_layers={m.num_layers} is not divisible by config.model.num_blocks={m.num_blocks} '
+            '(set config.model.layers_per_block for an uneven partition, e.g. (5, 4, 3))']
+  return []
+
+
 def validate(config, *, num_devices: int | None = None) -> None:
   """Names every impossible setting before anything is loaded or compiled (raises ConfigError)."""
   errors = []
   for field, allowed in _CHOICES.items():
     if _get(config, field) not in allowed:
       errors.append(f'config.{field}={_get(config, field)!r} is not one of {allowed}')
-  m = config.model
-  if m.hidden_size % m.num_heads:
+  out_of_range = _range_errors(config)
+  errors += out_of_range.values()
+  # The checks below combine fields: each runs only when the fields it reads are in range and known.
+  valid = lambda *fields: not set(fields) & set(out_of_range)
+  m, f = config.model, config.diffusion
+  known_kind = m.kind in KINDS
+  if valid('diffusion.sigma_min', 'diffusion.sigma_max') and f.sigma_min >= f.sigma_max:
+    errors.append(f'config.diffusion.sigma_min={f.sigma_min} must be below config.diffusion.sigma_max={f.sigma_max}')
+  if valid('model.hidden_size', 'model.num_heads') and m.hidden_size % m.num_heads:
     errors.append(f'config.model.hidden_size={m.hidden_size} is not divisible by config.model.num_heads={m.num_heads}')
-  if m.kind == 'dblock' and m.hidden_size < 6:
+  if m.kind == 'dblock' and valid('model.hidden_size') and m.hidden_size < 6:
     errors.append(f'config.model.hidden_size={m.hidden_size} must be >= 6 (time embedding width hidden // 6)')
-  if m.kind in KINDS and uses_blocks(config):
-    if m.layers_per_block:
-      counts = tuple(m.layers_per_block)
-      if len(counts) != m.num_blocks or sum(counts) != m.num_layers or min(counts) < 1:
-        errors.append(f'config.model.layers_per_block={counts} must have config.model.num_blocks='
-                      f'{m.num_blocks} positive entries summing to config.model.num_layers={m.num_layers}')
-    elif m.num_blocks < 1 or m.num_layers % m.num_blocks:
-      errors.append(f'config.model.num_layers={m.num_layers} is not divisible by config.model.num_blocks='
-                    f'{m.num_blocks} (set config.model.layers_per_block for an uneven partition)')
-  for field in ('train.batch_size', 'eval.batch_size', 'train.num_epochs', 'train.steps_per_call',
-                'train.log_every_steps', 'train.checkpoint_every_steps', 'train.keep_checkpoints'):
-    if _get(config, field) < 1:
-      errors.append(f'config.{field}={_get(config, field)} must be >= 1')
-  if not 0.0 <= config.diffusion.class_dropout_prob < 1.0:
-    errors.append(f'config.diffusion.class_dropout_prob={config.diffusion.class_dropout_prob} must be in [0, 1)')
-  if m.kind in KINDS and task_name(config) == 'generation':
-    if m.hidden_size % 4:
+  if known_kind and uses_blocks(config) and valid('model.num_layers', 'model.num_blocks'):
+    errors += _partition_errors(m)
+  if known_kind and task_name(config) == 'generation':
+    if valid('model.hidden_size') and m.hidden_size % 4:
       errors.append(f'config.model.hidden_size={m.hidden_size} must be divisible by 4 (the DiT\'s 2-D sine-cosine '
                     'positions)')
-    if config.eval.num_samples < 0:
-      errors.append(f'config.eval.num_samples={config.eval.num_samples} must be >= 0 (0 = the test split\'s size)')
-    if config.eval.cfg_scale < 0:
-      errors.append(f'config.eval.cfg_scale={config.eval.cfg_scale} must be >= 0 (1 = no guidance)')
-  if config.eval.num_inference_steps < 0:
-    errors.append(f'config.eval.num_inference_steps={config.eval.num_inference_steps} must be >= 0 (0 = B)')
   d = config.data
   if d.get('random_resized_crop', False):
     if d.pad_crop:
@@ -207,10 +270,8 @@ def validate(config, *, num_devices: int | None = None) -> None:
     lo, hi = tuple(d.resized_crop_ratio)
     if not 0 < lo <= hi:
       errors.append(f'config.data.resized_crop_ratio={tuple(d.resized_crop_ratio)} must satisfy 0 < lo <= hi')
-  if config.optim.lr <= 0:
-    errors.append(f'config.optim.lr={config.optim.lr} must be > 0')
   uneven = len(set(m.layers_per_block)) > 1  # Equal depths are stacked on a block axis (core/blocks.py).
-  blockwise = m.kind in KINDS and uses_blocks(config)
+  blockwise = known_kind and uses_blocks(config)
   if config.parallel_blocks and (not blockwise or not m.independent_blocks or uneven):
     errors.append('config.parallel_blocks=True needs a block-wise config.model.kind (dblock, dit_dblock), '
                   'config.model.independent_blocks=True and blocks of equal depth (the block axis is sharded)')
@@ -219,7 +280,7 @@ def validate(config, *, num_devices: int | None = None) -> None:
                   '(no uneven config.model.layers_per_block) and config.parallel_blocks=False')
   if num_devices is not None:
     data_devices = num_devices if config.mesh.data == -1 else config.mesh.data
-    if config.parallel_blocks:
+    if config.parallel_blocks and known_kind:
       data_devices = max(1, num_devices // num_blocks(config))
     if data_devices < 1 or data_devices > num_devices:
       errors.append(f'config.mesh.data={config.mesh.data} does not fit the {num_devices} available devices')

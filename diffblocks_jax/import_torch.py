@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 import os
+import zipfile
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -53,8 +55,7 @@ def load_state_dict(path: str, *, trust_pickle: bool = False) -> dict[str, np.nd
     raise FileNotFoundError(f'--input={path}: no such file')
   suffix = os.path.splitext(path)[1].lower()
   if suffix == '.npz':
-    with np.load(path, allow_pickle=False) as f:  # Plain arrays only: an .npz must not run code.
-      return {k: f[k] for k in f.files}
+    return _load_npz(path)
   if suffix == '.safetensors':
     try:
       from safetensors.numpy import load_file
@@ -65,6 +66,36 @@ def load_state_dict(path: str, *, trust_pickle: bool = False) -> dict[str, np.nd
     return _load_torch(path, trust_pickle)
   raise CheckpointImportError(f'{path}: unknown format {suffix!r}; expected .ckpt, .pt, .pth, .safetensors '
                               'or .npz')
+
+
+def _load_npz(path: str) -> dict[str, np.ndarray]:
+  """Plain arrays only: an .npz must not run code. (The 'npz' data source reads its files the same way, in
+  data/npz.py; this tool may not import the data layer.)"""
+  if os.path.getsize(path) == 0:
+    raise CheckpointImportError(f'--input={path} is empty (0 bytes): an interrupted copy or save? Copy it again')
+  with open(path, 'rb') as f:
+    head = f.read(4)
+  if head not in (b'PK\x03\x04', b'PK\x05\x06'):  # A zip's signatures; NumPy would call anything else pickled.
+    raise CheckpointImportError(f'--input={path} is not a .npz (a zip of .npy arrays as np.savez writes): it '
+                                f'starts with {head!r}')
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      arrays = {}
+      for key in f.files:
+        try:
+          arrays[key] = f[key]
+        except ValueError as e:
+          if 'allow_pickle' not in str(e):  # Not NumPy's refusal of an object array: damage, reported below.
+            raise
+          raise CheckpointImportError(
+              f'--input={path}: {key!r} holds pickled Python objects, which are refused (unpickling can run '
+              'code); save the state dict as plain arrays: np.savez(path, **{k: v.float().numpy() ...})') from e
+      return arrays
+  except CheckpointImportError:
+    raise
+  except (zipfile.BadZipFile, EOFError, OSError, ValueError, zlib.error) as e:  # Truncated, or not a zip.
+    raise CheckpointImportError(f'--input={path} is not a readable .npz ({type(e).__name__}: {e}); it must be a '
+                                'zip of .npy arrays as np.savez writes; copy or convert it again') from e
 
 
 def _load_torch(path: str, trust_pickle: bool) -> dict[str, np.ndarray]:
@@ -201,6 +232,9 @@ def convert(state_dict: dict[str, np.ndarray], config, *, image_size: int | None
   misshaped = [f'{original[k]}: checkpoint {sd[k].shape}, expected {v}' for k, v in expected.items()
                if k in sd and sd[k].shape != v]
   errors += dim_errors
+  # A NaN or inf weight would import fine and poison every forward pass: refuse it by key.
+  errors += [f'non-finite: {original[k]} has {n} NaN/inf of {sd[k].size} values'
+             for k in expected if k in sd and (n := int(np.size(sd[k]) - np.isfinite(sd[k]).sum()))]
   if missing or unexpected or misshaped or errors:
     raise CheckpointImportError(_report(source, config, missing, unexpected, misshaped, errors, sd))
 
@@ -235,9 +269,6 @@ def import_checkpoint(input_path: str, config, workdir: str, *, trust_pickle: bo
   params = convert(state_dict, config, image_size=image_size, channels=channels, num_classes=num_classes,
                    source=input_path)
   directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
-  if os.path.isdir(directory) and os.listdir(directory):
-    # A later step there would win on resume and silently hide the import.
-    raise CheckpointImportError(f'{directory} already holds checkpoints; import into an empty --workdir')
   from diffblocks_jax import checkpointing  # Lazy: `convert` works without the saving machinery.
   state = steps.init_state(params, config.seed)
   # The data shapes the import was built for: a run resuming it must use a dataset of these shapes.
@@ -245,6 +276,11 @@ def import_checkpoint(input_path: str, config, workdir: str, *, trust_pickle: bo
   metadata = {'imported_from': os.path.abspath(input_path), **dims}
   ckpt = checkpointing.Checkpointer(directory, keep=config.train.keep_checkpoints)
   try:
+    # Finished steps only: a later one would win on resume and silently hide the import. The unfinished
+    # (*.orbax-checkpoint-tmp) folder of a killed import is not one; Orbax replaces it with this save.
+    if ckpt.all_steps():
+      raise CheckpointImportError(f'{directory} already holds checkpoints (steps {ckpt.all_steps()}); import '
+                                  'into an empty --workdir')
     ckpt.save(0, state, metadata=metadata, force=True)
     ckpt.wait()
   finally:

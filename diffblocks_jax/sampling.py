@@ -83,7 +83,9 @@ class GenerationEvaluator:
     self.num_classes = data.num_classes
     self.batch_size = -(-config.eval.batch_size // exp.mesh.size) * exp.mesh.size
     self.num_samples = config.eval.num_samples or len(data.test_labels)
-    self._sample = jax.jit(generation.make_sample_fn(exp.graphdef, config, data))
+    # Samples replicated: every process can read them (multi-host) and score them.
+    self._sample = jax.jit(generation.make_sample_fn(exp.graphdef, config, data),
+                           out_shardings=sharding.replicated(exp.mesh))
     self.key = jax.random.fold_in(jax.random.key(config.seed), 0x5a3)  # The same noise at every evaluation.
     self._real: dict[str, np.ndarray] = {}
 

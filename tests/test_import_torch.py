@@ -278,3 +278,70 @@ def test_cli_writes_step_zero_once(tmp_path):
   assert os.listdir(tmp_path / 'run' / 'checkpoints')
   again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
   assert again.returncode != 0 and 'already holds checkpoints' in again.stderr
+
+
+def _bad_npz_files(tmp_path):
+  """name -> (path, what the message must say) for files np.load fails on, or calls 'pickled' wrongly."""
+  good = tmp_path / 'good.npz'
+  np.savez(good, **release_state_dict('dblock'))
+  blob = good.read_bytes()
+  files = {'empty': (b'', 'empty (0 bytes)'), 'truncated': (blob[:len(blob) // 2], 'not a readable .npz'),
+           'text': (b'model.classifier.weight 1 2 3\n', 'not a .npz')}
+  out = {}
+  for name, (data, says) in files.items():
+    (tmp_path / f'{name}.npz').write_bytes(data)
+    out[name] = (tmp_path / f'{name}.npz', says)
+  np.savez(tmp_path / 'pickled.npz', **{'model.classifier.bias': np.array([{'a': 1}], dtype=object)})
+  out['pickled'] = (tmp_path / 'pickled.npz', "'model.classifier.bias' holds pickled Python objects")
+  return out
+
+
+def test_bad_npz_files_are_named(tmp_path):
+  for name, (path, says) in _bad_npz_files(tmp_path).items():
+    with pytest.raises(import_torch.CheckpointImportError) as e:
+      import_torch.load_state_dict(str(path))
+    assert f'--input={path}' in str(e.value) and says in str(e.value), (name, str(e.value))
+    if name != 'pickled':
+      assert 'pickle' not in str(e.value), (name, str(e.value))
+
+
+def test_non_finite_weights_are_refused_by_key(tmp_path):
+  sd = release_state_dict('dblock')
+  sd['model.vit.encoder.layer.1.output.dense.weight'][0, :3] = [np.nan, np.inf, -np.inf]
+  sd['model.classifier.bias'][2] = np.nan
+  with pytest.raises(import_torch.CheckpointImportError) as e:
+    import_torch.import_checkpoint(_saved(tmp_path, sd), small_config('dblock'), str(tmp_path / 'run'))
+  msg = str(e.value)
+  assert 'non-finite: model.vit.encoder.layer.1.output.dense.weight has 3 NaN/inf' in msg, msg
+  assert 'non-finite: model.classifier.bias has 1 NaN/inf' in msg, msg
+  assert not (tmp_path / 'run').exists()
+
+
+def _saved(tmp_path, sd) -> str:
+  np.savez(tmp_path / 'w.npz', **sd)
+  return str(tmp_path / 'w.npz')
+
+
+_KILLED_IMPORT = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+from test_import_torch import release_state_dict, small_config
+from diffblocks_jax import checkpointing, import_torch
+checkpointing.Checkpointer.wait = lambda self: os._exit(9)  # Killed while Orbax writes its tmp folder.
+import_torch.import_checkpoint(sys.argv[2], small_config('dblock'), sys.argv[3])
+"""
+
+
+def test_a_killed_import_does_not_block_the_retry(tmp_path):
+  from diffblocks_jax import checkpointing
+  path, workdir = _saved(tmp_path, release_state_dict('dblock')), tmp_path / 'run'
+  killed = subprocess.run([sys.executable, '-c', _KILLED_IMPORT, os.path.dirname(__file__), path, str(workdir)],
+                          cwd=REPO, env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True, text=True,
+                          timeout=HANG_GUARD_S)
+  assert killed.returncode == 9, killed.stderr[-3000:]
+  leftovers = os.listdir(workdir / 'checkpoints')
+  assert leftovers and all('tmp' in name for name in leftovers), leftovers  # Unfinished: no step.
+  assert import_torch.import_checkpoint(path, small_config('dblock'), str(workdir)) == 0
+  assert checkpointing.Checkpointer(workdir / 'checkpoints').all_steps() == [0]
+  with pytest.raises(import_torch.CheckpointImportError, match=r'already holds checkpoints \(steps \[0\]\)'):
+    import_torch.import_checkpoint(path, small_config('dblock'), str(workdir))  # A finished one still counts.

@@ -88,6 +88,12 @@ try:
   raise AssertionError('an unknown split was accepted')
 except input_pipeline.DataError as e:
   assert 'config.data.train_split' in str(e), e
+d.train_split, d.test_split = 'train', 'test[:0]'
+try:
+  input_pipeline.load_dataset(d)
+  raise AssertionError('an empty test split was accepted')
+except input_pipeline.DataError as e:
+  assert "config.data.test_split='test[:0]'" in str(e) and 'no examples' in str(e), e
 """
 
 
@@ -110,8 +116,10 @@ def test_tfds_missing_data_without_download_says_what_to_do(tmp_path):
 
 def test_tfds_failed_download_is_a_data_error(tmp_path, monkeypatch):
   import tensorflow_datasets as tfds
+  from diffblocks_jax.data import tfds_preparation
   def offline(self, **kwargs):
     raise ConnectionError('no route to host')
+  monkeypatch.setattr(tfds_preparation, 'unreachable_hosts', lambda urls, **kwargs: [])  # The host "answers".
   monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare', offline)
   with pytest.raises(DataError, match='no route to host') as e:
     ip.load_dataset(_data_config(tfds_data_dir=str(tmp_path)))
@@ -191,6 +199,69 @@ def test_npz_bad_key_is_named(tmp_path, key, bad):
     ip.load_dataset(_data_config(source='npz', path=str(tmp_path / 'd.npz'), mean=(0.5,), std=(0.25,)))
 
 
+def _npz_config(path):
+  return _data_config(source='npz', path=str(path), mean=(0.5,), std=(0.25,))
+
+
+def test_npz_unreadable_files_are_named(tmp_path):
+  np.savez(tmp_path / 'good.npz', **_npz_arrays())
+  blob = (tmp_path / 'good.npz').read_bytes()
+  cases = {'empty': (b'', 'empty (0 bytes)'), 'truncated': (blob[:len(blob) // 2], 'truncated or damaged'),
+           'text': (b'x_train,y_train\n1,2\n', 'not a .npz')}
+  for name, (data, says) in cases.items():
+    path = tmp_path / f'{name}.npz'
+    path.write_bytes(data)
+    with pytest.raises(DataError) as e:
+      ip.load_dataset(_npz_config(path))
+    assert f'config.data.path={str(path)!r}' in str(e.value) and says in str(e.value), (name, str(e.value))
+    assert 'pickle' not in str(e.value), (name, str(e.value))  # NumPy calls any non-zip file "pickled".
+  arrays = _npz_arrays()
+  arrays['y_test'] = np.array([{'label': 1}] * 4, dtype=object)
+  np.savez(tmp_path / 'objects.npz', **arrays)
+  with pytest.raises(DataError, match=r"array 'y_test' holds pickled Python objects"):
+    ip.load_dataset(_npz_config(tmp_path / 'objects.npz'))
+
+
+def _ten_class_arrays(**changes):
+  rng = np.random.default_rng(0)
+  arrays = dict(x_train=rng.integers(0, 256, (20, 4, 4), dtype=np.uint8), y_train=np.arange(20) % 10,
+                x_test=rng.integers(0, 256, (5, 4, 4), dtype=np.uint8), y_test=np.arange(5))
+  arrays.update(changes)
+  return arrays
+
+
+@pytest.mark.parametrize('changes,says', [
+    # A 10 among 0..9 in the test split alone: an 11th class no training example teaches.
+    (dict(y_test=np.array([0, 1, 2, 3, 10])), r'y_test has label\(s\) \[10\], outside the 10 classes 0..9'),
+    # Stated: 10 classes; a 10 in the training split.
+    (dict(num_classes=np.array(10), y_train=np.r_[np.arange(19) % 10, 10]),
+     r'y_train has label\(s\) \[10\], outside the 10 classes 0..9 that num_classes=10'),
+    (dict(num_classes=np.array(10), y_test=np.array([0, 1, 2, 3, 10])), r'y_test has label\(s\) \[10\]'),
+    # 1-based labels: class 0 has no example.
+    (dict(y_train=np.arange(20) % 10 + 1), r'y_train has no example of class\(es\) \[0\]'),
+    (dict(num_classes=np.array(12)), r'no example of class\(es\) \[10, 11\]'),
+    (dict(num_classes=np.array([10, 10])), 'num_classes is int64 \\(2,\\)'),
+    (dict(x_test=np.zeros((0, 4, 4), np.uint8), y_test=np.zeros(0, np.int64)), 'x_test has no images'),
+])
+def test_npz_labels_must_be_the_classes(tmp_path, changes, says):
+  np.savez(tmp_path / 'd.npz', **_ten_class_arrays(**changes))
+  with pytest.raises(DataError, match=says):
+    ip.load_dataset(_npz_config(tmp_path / 'd.npz'))
+
+
+def test_npz_num_classes_key_states_the_count(tmp_path):
+  np.savez(tmp_path / 'd.npz', **_ten_class_arrays(num_classes=np.array(10)))
+  assert ip.load_dataset(_npz_config(tmp_path / 'd.npz')).num_classes == 10
+
+
+def test_dataset_refuses_an_empty_split():
+  images, labels = np.zeros((4, 2, 2, 1), np.uint8), np.zeros(4, np.int32)
+  with pytest.raises(DataError, match='the test split has no examples'):
+    ip.Dataset(images, labels, images[:0], labels[:0], 2, 'tiny')
+  with pytest.raises(DataError, match='the train split has no examples'):
+    ip.Dataset(images[:0], labels[:0], images, labels, 2, 'tiny')
+
+
 # ---------------------------------------------------------------------------------------------------- folder
 
 def _write_png(path: pathlib.Path, value: int, mode: str = 'RGB', size=(5, 5)):
@@ -243,6 +314,30 @@ def test_folder_corrupt_file_skip_and_error(tmp_path, caplog):
     data = ip.load_dataset(_data_config(source='folder', path=str(root), on_corrupt='skip'))
   assert len(data.train_labels) == 6
   assert str(bad) in caplog.text
+
+
+def test_folder_empty_class_folder_is_refused(tmp_path):
+  root = _folder(tmp_path, False)
+  (root / 'train' / 'emu').mkdir()
+  (root / 'train' / 'emu' / 'notes.txt').write_text('no images here')
+  with pytest.raises(DataError, match=r"class folder\(s\) \['emu'\] hold no images"):
+    ip.load_dataset(_data_config(source='folder', path=str(root)))
+
+
+def test_folder_class_with_only_unreadable_images_is_refused(tmp_path):
+  root = _folder(tmp_path, False)
+  for image in (root / 'train' / 'dog').iterdir():
+    image.write_bytes(b'\x89PNG\r\n\x1a\n not really')
+  with pytest.raises(DataError, match=r"no readable image is left in class folder\(s\) \['dog'\]"):
+    ip.load_dataset(_data_config(source='folder', path=str(root), on_corrupt='skip'))
+
+
+def test_folder_without_validation_images_is_refused(tmp_path):
+  root = _folder(tmp_path, False)
+  for image in (root / 'val').rglob('*.png'):
+    image.unlink()
+  with pytest.raises(DataError, match=r'val holds no images'):
+    ip.load_dataset(_data_config(source='folder', path=str(root)))
 
 
 def test_folder_odd_size_names_the_file(tmp_path):

@@ -177,20 +177,41 @@ def test_build_uses_explicit_uneven_partition(tiny_config, tiny_model, tiny_batc
 
 
 def test_validated_partition_builds(tiny_config, tiny_model):
-  """A config that `config.validate` accepts must build, with the B that `config.num_blocks` reports.
-
-  `layers_per_block` alone sets B in config.num_blocks (and in the sampler and train loop), so
-  (2, 1) with num_blocks left at its default 3 is either rejected up front or builds 2 blocks.
-  """
-  c = tiny_config('dblock', model__num_layers=3, model__layers_per_block=(2, 1))
-  assert c.model.num_blocks == 3  # left at the default
-  try:
+  """A config that `config.validate` accepts builds with the B that `config.num_blocks` reports; one it refuses
+  is refused up front, by name (layers_per_block (2, 1) with num_blocks left at its default 3)."""
+  refused = tiny_config('dblock', model__num_layers=3, model__layers_per_block=(2, 1))
+  assert refused.model.num_blocks == 3  # left at the default
+  with pytest.raises(config_lib.ConfigError, match=r'config\.model\.layers_per_block=\(2, 1\) must have '
+                     r'config\.model\.num_blocks=3'):
+    config_lib.validate(refused)
+  for overrides, counts in [(dict(model__num_blocks=2, model__layers_per_block=(2, 1)), [2, 1]),
+                            (dict(model__num_blocks=3), [1, 1, 1])]:
+    c = tiny_config('dblock', model__num_layers=3, **overrides)
     config_lib.validate(c)
-  except config_lib.ConfigError:
-    return  # rejected before anything is built: consistent
-  assert config_lib.num_blocks(c) == 2
-  model, _, _ = tiny_model(c)  # currently raises ValueError: partition_layers wants len == model.num_blocks
-  assert model.num_blocks == config_lib.num_blocks(c) and model.layer_counts == [2, 1]
+    model, _, _ = tiny_model(c)
+    assert model.num_blocks == config_lib.num_blocks(c) and model.layer_counts == counts
+
+
+def test_validate_and_partition_layers_agree(tiny_config):
+  """`config.validate` states the partition rule; `partition_layers` accepts exactly what it accepts."""
+  for num_layers in range(1, 7):
+    for num_blocks in range(0, 5):
+      for layers_per_block in [(), (num_layers - 1, 1), (1,) * num_blocks, (2,) * num_blocks, (0, num_layers)]:
+        c = tiny_config('dblock', model__num_layers=num_layers, model__num_blocks=num_blocks,
+                             model__layers_per_block=layers_per_block, model__hidden_size=24)
+        try:
+          config_lib.validate(c)
+          accepted = True
+        except config_lib.ConfigError:
+          accepted = False
+        try:
+          counts = dblock.partition_layers(num_layers, num_blocks, layers_per_block)
+        except ValueError as e:
+          counts = None
+          assert 'config.validate' in str(e)  # The model points at the one statement of the rule.
+        assert accepted == (counts is not None), (num_layers, num_blocks, layers_per_block)
+        if counts is not None:
+          assert len(counts) == config_lib.num_blocks(c) and sum(counts) == num_layers
 
 
 # --- forward against a NumPy reference of SPEC §2/§3 ---

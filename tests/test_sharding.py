@@ -96,9 +96,10 @@ def data_parallel_worker(out: str, kind: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------- tests
 
-def test_eight_devices_match_one(tmp_path):
+@pytest.mark.parametrize('kind', ['vit', 'dit_dblock'])  # Generation: labels are the inputs, images the target.
+def test_eight_devices_match_one(tmp_path, kind):
   out = tmp_path / 'results.npz'
-  run_script(['data_parallel', str(out), 'vit'], num_devices=8)
+  run_script(['data_parallel', str(out), kind], num_devices=8)
   r = dict(np.load(out))
   np.testing.assert_array_equal(r['gathered'], r['expected'])
   assert r['padded'] == 72

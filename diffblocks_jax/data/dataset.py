@@ -23,6 +23,9 @@ class Dataset:
   def __post_init__(self):
     for split in ('train', 'test'):
       images, labels = getattr(self, f'{split}_images'), getattr(self, f'{split}_labels')
+      if not len(images):  # Caught here, at load time, rather than by the first step or evaluation.
+        raise DataError(f'{self.name}: the {split} split has no examples; training needs a non-empty train '
+                        'split and evaluation a non-empty test split')
       if images.dtype != np.uint8 or images.ndim != 4:
         raise DataError(f'{self.name}: {split}_images must be uint8 (N, H, W, C), got {images.dtype} '
                         f'{images.shape}')

@@ -33,10 +33,22 @@ def load(data_config):
   classes = sorted(p.name for p in (root / 'train').iterdir() if p.is_dir() and not p.name.startswith('.'))
   if not classes:
     raise DataError(f'{root / "train"} has no class subfolders')
-  train = [(path, c) for c, name in enumerate(classes) for path in _image_files(root / 'train' / name)]
+  files = {name: _image_files(root / 'train' / name) for name in classes}
+  empty = [name for name in classes if not files[name]]
+  if empty:  # Each folder is a class: an empty one would be a class that is never trained.
+    raise DataError(f'{root / "train"}: class folder(s) {empty[:10]} hold no images (extensions '
+                    f'{sorted(IMAGE_EXTENSIONS)}); add images or remove the folder(s)')
+  train = [(path, c) for c, name in enumerate(classes) for path in files[name]]
   train = [train[i] for i in np.random.default_rng(data_config.get('split_seed', 0)).permutation(len(train))]
   test = _val_files(root, {name: c for c, name in enumerate(classes)})
+  if not test:
+    raise DataError(f'{root / "val"} holds no images; the test split needs some (val/<class>/* or val/images '
+                    '+ val/val_annotations.txt)')
   train_images, train_labels, train_gray = _read_images(train, data_config.on_corrupt, None)
+  lost = [name for c, name in enumerate(classes) if not np.any(train_labels == c)]
+  if lost:  # Every image of these classes was unreadable and skipped.
+    raise DataError(f'{root / "train"}: no readable image is left in class folder(s) {lost[:10]} '
+                    '(config.data.on_corrupt=skip skipped them all); fix the images or remove the folder(s)')
   train_size = ('the training images', train_images.shape[1:3])  # Test images must match them.
   test_images, test_labels, test_gray = _read_images(test, data_config.on_corrupt, train_size)
   if train_gray and test_gray:  # Every source image was grayscale: R = G = B, keep one channel.

@@ -4,9 +4,9 @@ The datasets fit in device memory (CIFAR-100 is 150 MB as uint8), so the host lo
 training step gathers, augments and normalises its batch on the device: the accelerator never waits on Python.
 
 Sources (`config.data.source`): 'tfds' (any TFDS image-classification dataset), 'digits' (scikit-learn's
-bundled 8x8 digits, offline), 'npz' (x_train/y_train/x_test/y_test) and 'folder' (train/<class>/* with
-val/<class>/* or Tiny-ImageNet's val/images + val_annotations.txt). Every problem raises `DataError`, whose
-message names the bad input and what to do about it.
+bundled 8x8 digits, offline), 'npz' (x_train/y_train/x_test/y_test, and optionally num_classes to state the
+count) and 'folder' (train/<class>/* with val/<class>/* or Tiny-ImageNet's val/images + val_annotations.txt).
+Every problem raises `DataError`, whose message names the bad input and what to do about it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffblocks_jax.data import crops
+from diffblocks_jax.data import crops, npz, tfds_preparation
 from diffblocks_jax.data.dataset import DataError, Dataset
 
 SOURCES = ('tfds', 'digits', 'npz', 'folder')
@@ -82,14 +82,18 @@ def _load_tfds(data_config, shard) -> Dataset:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (heavy; only this source needs it)
   builder, num_classes = _tfds_builder(tfds, data_config)
   if not builder.is_prepared():
-    _prepare_tfds(builder, data_config)
+    tfds_preparation.prepare(builder, data_config)
   splits = [data_config.train_split, data_config.test_split]
   for field, split in zip(('train_split', 'test_split'), splits):
+    if not builder.info.splits:  # Empty under tfds.testing.mock_data: nothing to check against.
+      continue
     try:
-      if builder.info.splits:  # Empty under tfds.testing.mock_data: nothing to check against.
-        _ = builder.info.splits[split]  # Parses slices too ('train[:90%]').
+      num_examples = builder.info.splits[split].num_examples  # Parses slices too ('train[:90%]').
     except (KeyError, ValueError) as e:
       raise DataError(f'config.data.{field}={split!r} is not a split of {data_config.name}: {e}') from e
+    if not num_examples:
+      raise DataError(f'config.data.{field}={split!r} of {data_config.name} has no examples; choose a split '
+                      f'or slice that has some (the splits: {sorted(builder.info.splits)})')
   label_key, name = data_config.label_key, data_config.name
   try:
     train_source, test_source = builder.as_data_source(split=splits)
@@ -120,28 +124,6 @@ def _tfds_builder(tfds, data_config):
   if isinstance(features['image'].shape[-1], int):  # Fail before a long read when mean/std cannot fit.
     _check_normalisation(data_config, features['image'].shape[-1])
   return builder, num_classes
-
-
-def _prepare_tfds(builder, data_config) -> None:
-  """Downloads and prepares the data (needs internet), or says exactly how to provide it."""
-  name, where = data_config.name, builder.data_dir
-  reason = 'download disabled by config.data.tfds_download=False'
-  if data_config.get('tfds_download', True):
-    logging.info('TFDS %s is not prepared in %s; trying download_and_prepare.', name, where)
-    try:
-      builder.download_and_prepare(file_format='array_record')
-      return
-    except Exception as e:  # pylint: disable=broad-except  (network and preparation fail in many ways)
-      reason = f'download_and_prepare failed: {type(e).__name__}: {e}'
-  data_dir = data_config.tfds_data_dir or '~/tensorflow_datasets'
-  raise DataError(
-      f'TFDS dataset {name!r} is not prepared in {where} ({reason}). Either:\n'
-      f'  1. on a machine with internet, run\n'
-      f'       python -c "import tensorflow_datasets as tfds; tfds.builder({name!r}, data_dir=\'{data_dir}\')'
-      f'.download_and_prepare(file_format=\'array_record\')"\n'
-      f'     then copy {data_dir} here and pass --config.data.tfds_data_dir=<that folder>;\n'
-      f'  2. point --config.data.tfds_data_dir at a folder that already holds the prepared data; or\n'
-      f'  3. try configs/digits_dblock.py, which needs no download.')
 
 
 def _read_source(source, start: int, stop: int, label_key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -191,27 +173,52 @@ def _load_npz(data_config, shard) -> Dataset:
   path = data_config.path
   if not path or not os.path.isfile(path):
     raise DataError(f'config.data.path={path!r} is not a file; give a .npz with keys {_NPZ_KEYS}')
-  try:
-    with np.load(path, allow_pickle=False) as f:
-      missing = [key for key in _NPZ_KEYS if key not in f.files]
-      if missing:
-        raise DataError(f'{path} lacks {missing} (it has {sorted(f.files)}); it needs {_NPZ_KEYS}')
-      arrays = {key: _npz_array(f, key, path) for key in _NPZ_KEYS}
-  except DataError:
-    raise
-  except (OSError, ValueError) as e:  # Not a zip, truncated, or object arrays (pickles are refused).
-    raise DataError(f'config.data.path={path!r} is not a readable .npz: {e}') from e
+  where = f'config.data.path={path!r}'
+  stored = npz.read(path, error=DataError, what=where)
+  missing = [key for key in _NPZ_KEYS if key not in stored]
+  if missing:
+    raise DataError(f'{where} lacks {missing} (it has {sorted(stored)}); it needs {_NPZ_KEYS}')
+  arrays = {key: _npz_array(stored[key], key, path) for key in _NPZ_KEYS}
   for split in ('train', 'test'):
     x, y = arrays[f'x_{split}'], arrays[f'y_{split}']
+    if not len(x):
+      raise DataError(f'{where}: x_{split} has no images; the {split} split needs examples')
     if len(x) != len(y):
       raise DataError(f'{path}: x_{split} has {len(x)} images but y_{split} has {len(y)} labels')
-  num_classes = int(max(arrays['y_train'].max(initial=0), arrays['y_test'].max(initial=0))) + 1
+  num_classes = _npz_num_classes(stored.get('num_classes'), arrays['y_train'], arrays['y_test'], path)
   train = _sharded(arrays['x_train'], arrays['y_train'], shard)
   return Dataset(*train, arrays['x_test'], arrays['y_test'], num_classes, pathlib.Path(path).stem)
 
 
-def _npz_array(f, key: str, path: str) -> np.ndarray:
-  a = f[key]
+def _npz_num_classes(declared, train_labels: np.ndarray, test_labels: np.ndarray, path: str) -> int:
+  """The file's `num_classes` if it has one, else 1 + the largest training label; every class must have a
+  training example, and every label, test labels included, must be a class.
+
+  A stray label (a 10 among 0..9, 1-based labels) would otherwise add a class that is never trained.
+  """
+  if declared is not None:
+    if declared.ndim or not np.issubdtype(declared.dtype, np.integer) or declared < 1:
+      raise DataError(f'{path}: num_classes is {declared.dtype} {declared.shape} = {declared}; it must be one '
+                      'positive integer, e.g. np.savez(..., num_classes=10)')
+    num_classes, source = int(declared), f'num_classes={int(declared)}'
+  else:
+    num_classes, source = int(train_labels.max()) + 1, 'y_train (no num_classes key: 1 + its largest label)'
+    logging.info('%s: %d classes, from the largest training label (store num_classes to state the count).',
+                 path, num_classes)
+  for split, labels in (('train', train_labels), ('test', test_labels)):
+    if labels.size and labels.max() >= num_classes:
+      stray = sorted(set(labels[labels >= num_classes].tolist()))
+      raise DataError(f'{path}: y_{split} has label(s) {stray[:10]}, outside the {num_classes} classes 0..'
+                      f'{num_classes - 1} that {source} gives; fix the labels (1-based? subtract 1)')
+  absent = np.flatnonzero(np.bincount(train_labels, minlength=num_classes) == 0)
+  if absent.size:
+    raise DataError(f'{path}: y_train has no example of class(es) {absent[:10].tolist()}'
+                    f'{" ..." if absent.size > 10 else ""} of the {num_classes} classes that {source} gives; '
+                    'every class needs training examples (labels 0..C-1; 1-based labels? subtract 1)')
+  return num_classes
+
+
+def _npz_array(a: np.ndarray, key: str, path: str) -> np.ndarray:
   if key.startswith('x'):
     if a.dtype != np.uint8 or a.ndim not in (3, 4):
       raise DataError(f'{path}: {key} is {a.dtype} {a.shape}; it must be uint8 (N, H, W) or (N, H, W, C) '

@@ -21,17 +21,19 @@ TIME_FREQUENCY_DIM = 256
 
 
 def partition_layers(num_layers: int, num_blocks: int, layers_per_block: Sequence[int] = ()) -> list[int]:
-  """Layer counts per block; an explicit list must cover the depth exactly (the release drops layers)."""
-  if layers_per_block:
-    counts = [int(n) for n in layers_per_block]
-    if len(counts) != num_blocks or sum(counts) != num_layers or min(counts) < 1:
-      raise ValueError(f'model.layers_per_block={tuple(counts)} must have model.num_blocks={num_blocks} '
-                       f'positive entries summing to model.num_layers={num_layers}')
-    return counts
-  if num_blocks < 1 or num_layers % num_blocks:
-    raise ValueError(f'model.num_layers={num_layers} is not divisible by model.num_blocks={num_blocks}; '
-                     'set model.layers_per_block to an explicit uneven partition, e.g. (5, 4, 3)')
-  return [num_layers // num_blocks] * num_blocks
+  """Layer counts per block: `layers_per_block`, or `num_layers / num_blocks` each (SPEC §3).
+
+  The rules for these fields, and the messages naming them, live in `config.validate`, which every entry point
+  runs before loading data. A model built without it still refuses anything that is not a partition of the
+  depth into `num_blocks` non-empty blocks (the release silently drops the leftover layers).
+  """
+  counts = [int(n) for n in layers_per_block] or (
+      [num_layers // num_blocks] * num_blocks if num_blocks >= 1 else [])
+  if len(counts) != num_blocks or sum(counts) != num_layers or min(counts, default=0) < 1:
+    raise ValueError(f'model.num_layers={num_layers} cannot be cut into model.num_blocks={num_blocks} blocks as '
+                     f'model.layers_per_block={tuple(layers_per_block)} says; config.validate(config) names the '
+                     'rule that is broken')
+  return counts
 
 
 class SharedParts(nnx.Module):

@@ -227,32 +227,31 @@ def state_bytes(exp: train.Experiment) -> dict[str, int]:
 
 
 def _time_eval(exp: train.Experiment, windows: int, num_steps: int, options, states: dict[str, Any]):
+  """Evaluation img/s: the baseline's forward or the N=B-step classification sampler on test images."""
   predict = classification.make_predict_fn(exp.graphdef, exp.config)
   data_config = exp.config.data
   fn = jax.jit(lambda p, x, k: predict(p, input_pipeline.normalize(x, data_config), k))
-  kind = exp.config.model.kind
-  params = (states[kind] if kind in states else exp.init_state()).params
-  images = jax.device_put(exp.data.test_images)
-  key = jax.random.key(0)
-  start = time.perf_counter()
-  compiled = fn.lower(params, images, key).compile(options)
-  compile_s = time.perf_counter() - start
-  run_window = lambda: [compiled(params, images, jax.random.fold_in(key, i)) for i in range(num_steps)]
-  return window_times(run_window, windows), compile_s, len(images), memory_fields(compiled)
+  return _time_inference(exp, fn, exp.data.test_images, windows, num_steps, options, states)
 
 
 def _time_sample(exp: train.Experiment, windows: int, num_steps: int, options, states: dict[str, Any]):
-  """Sampling img/s: `num_steps` calls of the config's sampler on an evaluation batch of labels."""
+  """Sampling img/s: the config's image sampler (default 50 steps, guidance) on a batch of test labels."""
   fn = jax.jit(generation.make_sample_fn(exp.graphdef, exp.config, exp.data))
+  return _time_inference(exp, fn, exp.data.test_labels, windows, num_steps, options, states)
+
+
+def _time_inference(exp: train.Experiment, fn, inputs: np.ndarray, windows: int, num_steps: int, options,
+                    states: dict[str, Any]):
+  """`num_steps` calls of jitted fn(params, inputs, key) per window, with the kind's trained state if any."""
   kind = exp.config.model.kind
   params = (states[kind] if kind in states else exp.init_state()).params
-  labels = jax.device_put(exp.data.test_labels)
+  inputs = jax.device_put(inputs)
   key = jax.random.key(0)
   start = time.perf_counter()
-  compiled = fn.lower(params, labels, key).compile(options)
+  compiled = fn.lower(params, inputs, key).compile(options)
   compile_s = time.perf_counter() - start
-  run_window = lambda: [compiled(params, labels, jax.random.fold_in(key, i)) for i in range(num_steps)]
-  return window_times(run_window, windows), compile_s, len(labels), memory_fields(compiled)
+  run_window = lambda: [compiled(params, inputs, jax.random.fold_in(key, i)) for i in range(num_steps)]
+  return window_times(run_window, windows), compile_s, len(inputs), memory_fields(compiled)
 
 
 def _runtime_peak() -> int | None:
