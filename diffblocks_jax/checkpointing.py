@@ -152,6 +152,7 @@ class Checkpointer:
                                            enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
     self._unreadable: set[int] = set()  # Found damaged by restore(): a save at that step sets it aside.
+    self._in_flight: int | None = None  # The step of the last save, until check_saves() has seen it land.
     self._closed = False
 
   def all_steps(self) -> list[int]:
@@ -169,29 +170,56 @@ class Checkpointer:
     """Saves `state` at `step` (asynchronously if so built); False if Orbax's policy skips it."""
     if not force and not self._manager.should_save(step):
       return False
-    self._manager.wait_until_finished()
+    self._finish_pending()
     if step in self._unreadable and step in self._manager.all_steps():
-      self._set_aside(step)
+      self.set_aside(step, 'unreadable')
     # Python and NumPy leaves as jax arrays: one dtype story for the manifest and the fingerprints.
     tree = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x),
                         serialization.to_state_dict(state))
     items = {_STATE: ocp.args.StandardSave(tree), _MANIFEST: ocp.args.JsonSave(_manifest(tree))}
     if metadata is not None:
       items[_META] = ocp.args.JsonSave(metadata)
-    return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    if saved:
+      self._in_flight = step
+    return saved
 
-  def _set_aside(self, step: int) -> None:
-    """Renames a damaged step out of Orbax's sight (kept for inspection) so this step can be saved."""
+  def check_saves(self) -> None:
+    """Raises CheckpointError if the last asynchronous save has finished without its step on disk: called
+    between compiled calls, so a failed save is reported one call later, not one checkpoint interval later."""
+    step = self._in_flight
+    if step is None or self._manager.is_saving_in_progress():
+      return
+    self._in_flight = None
+    cause = None
+    try:
+      self._manager.check_for_errors()  # Orbax's finaliser may have taken (and logged) the error already.
+    except Exception as e:  # pylint: disable=broad-except
+      cause = e
+    self._manager.reload()
+    if cause is not None or step not in self._manager.all_steps():
+      raise self._failed_save(step, cause)
+
+  def _failed_save(self, step: int | None, cause: BaseException | None) -> CheckpointError:
+    return CheckpointError(f'Saving checkpoint step {step} in {self.directory} failed: '
+                           f'{_describe(cause) if cause else "see the Orbax error logged above"}. The steps on disk '
+                           f'are intact: {sorted(self._manager.all_steps())}. Check the disk (space, permissions) '
+                           'and run the same command again to resume.')
+
+  def set_aside(self, step: int, reason: str) -> str:
+    """Renames a step out of Orbax's sight, kept for inspection (damaged, diverged, superseded by a resume
+    from an earlier step); returns its new path."""
     path = self.step_path(step)
-    aside = path.parent / f'{step}.unreadable-{time.strftime("%Y%m%d-%H%M%S")}'
+    aside = path.parent / f'{step}.{reason}-{time.strftime("%Y%m%d-%H%M%S")}'
     if jax.process_index() == 0:
-      logging.warning('Moving the unreadable checkpoint %s to %s to save step %d again.', path, aside, step)
+      logging.warning('Moving the %s checkpoint %s to %s.', reason, path, aside)
       path.rename(aside)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices(f'checkpointing_set_aside_{step}')
     self._unreadable.discard(step)
     self._manager.reload()
+    return str(aside)
 
   def restore(self, abstract_state: PyTree, *, step: int | None = None) -> tuple[PyTree, int] | None:
     """(state, step) shaped, typed and sharded like `abstract_state`; None when there is no checkpoint.
@@ -266,14 +294,25 @@ class Checkpointer:
     return CheckpointError(f'No checkpoint for step {step} in {self.directory}; available steps: {steps}')
 
   def wait(self) -> None:
-    """Blocks until pending asynchronous saves are on disk."""
-    self._manager.wait_until_finished()
+    """Blocks until pending asynchronous saves are on disk; a failed one raises CheckpointError."""
+    self._finish_pending()
+
+  def _finish_pending(self) -> None:
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      step, self._in_flight = self._in_flight, None
+      raise self._failed_save(step, e) from e
+    self.check_saves()
 
   def close(self) -> None:
     """Waits for pending saves, then releases Orbax's threads. Safe to call twice."""
     if not self._closed:
       self._closed = True
-      self._manager.close()
+      try:
+        self.wait()  # A failed save is reported as ours, not as Orbax's raw error from close().
+      finally:
+        self._manager.close()
 
   def __enter__(self) -> Checkpointer:
     return self

@@ -88,6 +88,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   t.keep_checkpoints = 3
   t.offload_idle_blocks = False  # Keep the blocks' parameters and Adam state in host memory; one block on the device.
   t.eval_every_epochs = 10.0  # Test-split evaluation cadence (0 = only at the end).
+  t.resume_step = 0  # Resume from this checkpoint step (0 = the latest); later ones are moved aside, not deleted.
+  t.allow_config_change = False  # Resume although fields beyond run length, logging and evaluation changed.
 
   # --- evaluation (SPEC §7) ---
   c.eval = e = ml_collections.ConfigDict()
@@ -299,6 +301,42 @@ def validate_data(config, *, image_size: int, channels: int) -> None:
   for field in ('mean', 'std'):
     if len(config.data[field]) not in (1, channels):
       raise ConfigError(f'config.data.{field} has {len(config.data[field])} entries for {channels}-channel images')
+
+
+# What a resumed run may change: how long it runs, what it logs and saves, how it evaluates, where it runs and
+# where the data files live. Anything else (model, data content and split, seeds, noise plan, optimizer)
+# would continue a run under other rules than it started with.
+RESUMABLE_FIELDS = ('train.num_epochs', 'train.steps_per_call', 'train.log_every_steps',
+                    'train.checkpoint_every_steps', 'train.keep_checkpoints', 'train.eval_every_epochs',
+                    'train.resume_step', 'train.allow_config_change', 'data.tfds_data_dir', 'data.tfds_download')
+RESUMABLE_SECTIONS = ('eval', 'mesh', 'distributed')
+
+
+def _flat(tree, prefix='') -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def changed_fields(saved: dict, config) -> list[str]:
+  """'field: saved -> new' for every field that differs from a run's saved config.json and may not change on
+  resume (RESUMABLE_FIELDS and RESUMABLE_SECTIONS may). A field the saved config lacks counts as unchanged
+  if it holds its default (a run saved before the field existed)."""
+  import json  # pylint: disable=g-import-not-at-top
+  old, new = _flat(saved), _flat(json.loads(config.to_json_best_effort()))
+  defaults = _flat(json.loads(get_base_config().to_json_best_effort()))
+  out = []
+  for field in sorted(set(old) | set(new)):
+    if field in RESUMABLE_FIELDS or field.split('.')[0] in RESUMABLE_SECTIONS:
+      continue
+    before, after = old.get(field, defaults.get(field)), new.get(field, defaults.get(field))
+    if before != after:
+      out.append(f'config.{field}: {before!r} -> {after!r}')
+  return out
 
 
 def load_file(path: str) -> ml_collections.ConfigDict:

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 import jax
@@ -271,16 +272,63 @@ def _train_and_evaluate(config, workdir: str, lead: bool) -> dict[str, float]:
       signal.signal(signal.SIGTERM, old_handler)
 
 
+def _restore_or_init(config, workdir: str, exp: Experiment, ckpt: checkpointing.Checkpointer, lead: bool):
+  """(state, resumed step or None). A workdir's saved config is compared before anything is overwritten."""
+  saved = os.path.join(workdir, 'config.json')
+  if ckpt.all_steps() and os.path.exists(saved) and not config.train.allow_config_change:
+    with open(saved) as f:
+      changed = config_lib.changed_fields(json.load(f), config)
+    if changed:
+      raise config_lib.ConfigError(
+          f'{workdir} holds a run started with another config; resuming would continue it under other rules:\n  '
+          + '\n  '.join(changed) + '\nUse another --workdir, undo the change, or pass '
+          '--config.train.allow_config_change=True to resume anyway.')
+  resume_step = config.train.resume_step or None
+  restored = ckpt.restore(exp.abstract_state, step=resume_step)
+  if resume_step is not None:
+    for later in [s for s in ckpt.all_steps() if s > resume_step]:
+      ckpt.set_aside(later, 'superseded')
+    if lead:
+      _set_aside_metrics(workdir, resume_step)
+  if lead:  # Only now: a refused resume leaves the run's config as it was.
+    with open(saved, 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+  if restored is None:
+    return exp.init_state(), None
+  return restored
+
+
+def _set_aside_metrics(workdir: str, step: int) -> None:
+  """Moves metrics.jsonl records past `step` to metrics.superseded-<time>.jsonl: the resumed run logs them anew."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  keep = [line for line in lines if json.loads(line)['step'] <= step]
+  if len(keep) == len(lines):
+    return
+  with open(os.path.join(workdir, f'metrics.superseded-{time.strftime("%Y%m%d-%H%M%S")}.jsonl'), 'w') as f:
+    f.writelines(line for line in lines if json.loads(line)['step'] > step)
+  with open(path + '.tmp', 'w') as f:
+    f.writelines(keep)
+  os.replace(path + '.tmp', path)
+
+
+def _all_finite(tree) -> bool:
+  return bool(jax.jit(lambda t: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(t)])))(tree))
+
+
 def _train_loop(config, workdir: str, lead: bool, stop: _StopFlag) -> dict[str, float]:
   exp = build_experiment(config)
   os.makedirs(workdir, exist_ok=True)
-  if lead:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=config.train.keep_checkpoints)
-  restored = ckpt.restore(exp.abstract_state)
-  if restored is None:
-    state = exp.init_state()
+  try:
+    state, start = _restore_or_init(config, workdir, exp, ckpt, lead)
+  except BaseException:
+    ckpt.close()
+    raise
+  if start is None:
     logging.info('Starting from scratch: %d steps (%d per epoch, B=%d).', exp.total_steps,
                  exp.steps_per_epoch, exp.num_blocks)
     if config_lib.task_name(config) == 'classification' and config_lib.uses_blocks(config):
@@ -288,8 +336,16 @@ def _train_loop(config, workdir: str, lead: bool, stop: _StopFlag) -> dict[str, 
       for line in diffusion.noise_plan_for(config, exp.num_blocks):
         logging.info('%s', line)
   else:
-    state, start = restored
     logging.info('Resumed from %s at step %d of %d.', ckpt.directory, start, exp.total_steps)
+    if start >= exp.total_steps:
+      finished = [r for r in reporting.read_metrics(workdir) if r['step'] == start and
+                  any(k.startswith('eval/') for k in r)]
+      if finished:
+        ckpt.close()
+        shown = ', '.join(f'{k} {v:.4g}' for k, v in finished[-1].items() if k.startswith('eval/'))
+        logging.info('Already finished at step %d of %d: %s. Nothing to do (--config.train.num_epochs=N trains '
+                     'further).', start, exp.total_steps, shown)
+        return dict(finished[-1], step=start)
   images, labels = put_train_split(exp)
   chunk_fn = make_train_chunk(exp)
   evaluator = make_evaluator(exp, workdir)
@@ -299,9 +355,24 @@ def _train_loop(config, workdir: str, lead: bool, stop: _StopFlag) -> dict[str, 
       if config.train.eval_every_epochs > 0 else exp.total_steps
   step = int(state.step)
   last_good = step
+  evaluated_at = None
   window: dict[str, list] = {}
   result: dict[str, float] = {}
   crossed = lambda every, before, after: after // every > before // every or after == exp.total_steps
+
+  def diverged(bad: int, what: str):
+    """Stops at step `bad`: checkpoints at or after it hold the parameters that produced it (a blow-up on a
+    chunk's last step is saved before the next chunk's first loss shows it), so they are moved aside."""
+    ckpt.wait()
+    moved = [ckpt.set_aside(s, 'diverged') for s in ckpt.all_steps() if s >= bad]
+    good = ckpt.latest_step()
+    return FloatingPointError(
+        f'{what} at step {bad}; training stopped. '
+        + (f'The checkpoints it came from were moved aside ({", ".join(moved)}). ' if moved else '')
+        + (f'The last good checkpoint is step {good} in {ckpt.directory}: run again with a lower --config.optim.lr '
+           'and --config.train.allow_config_change=True to resume from it (or name an earlier step with '
+           '--config.train.resume_step).' if good is not None
+           else 'No checkpoint was saved before it: lower --config.optim.lr and start again.'))
 
   def flush(pending):
     """Host side of a finished chunk: finiteness check, window metrics, logs."""
@@ -309,10 +380,7 @@ def _train_loop(config, workdir: str, lead: bool, stop: _StopFlag) -> dict[str, 
     end, metrics = pending
     metrics = jax.device_get(metrics)
     if not np.all(np.isfinite(metrics['loss'])):
-      bad = end - len(metrics['loss']) + int(np.argmin(np.isfinite(metrics['loss'])))
-      raise FloatingPointError(
-          f'Non-finite loss at step {bad}; training stopped. The last good checkpoint (step '
-          f'{ckpt.latest_step()}) in {ckpt.directory} is intact. Try a lower --config.optim.lr.')
+      raise diverged(end - len(metrics['loss']) + int(np.argmin(np.isfinite(metrics['loss']))), 'Non-finite loss')
     last_good = end
     for k, v in metrics.items():
       window.setdefault(k, []).append(np.asarray(v))
@@ -326,7 +394,19 @@ def _train_loop(config, workdir: str, lead: bool, stop: _StopFlag) -> dict[str, 
         logging.info('%s', progress.line(end, summary))
 
   def save(at_step):
+    # Offloaded block stacks are not checked here: gathering them onto the device would undo the offload.
+    if not config.train.offload_idle_blocks and not _all_finite(state.params):
+      raise diverged(at_step, 'Non-finite parameters')
     ckpt.save(at_step, state, metadata={'epoch': at_step / exp.steps_per_epoch}, force=True)
+
+  def evaluate_now():
+    nonlocal evaluated_at
+    metrics, line = evaluator(state.params, step)
+    writer.write(step, metrics)
+    result.update(metrics)
+    evaluated_at = step
+    if lead:
+      logging.info('step %d: %s', step, line)
 
   pending = None
   try:
@@ -337,6 +417,7 @@ def _train_loop(config, workdir: str, lead: bool, stop: _StopFlag) -> dict[str, 
       state, metrics = chunk_fn(state, images, labels, n)
       if pending is not None:
         flush(pending)  # The previous chunk's metrics, fetched while this one runs.
+      ckpt.check_saves()  # A failed asynchronous save is reported now, not at the next checkpoint.
       pending, before, step = (step + n, metrics), step, step + n
       need_ckpt = crossed(config.train.checkpoint_every_steps, before, step)
       need_eval = crossed(eval_every, before, step)
@@ -346,13 +427,13 @@ def _train_loop(config, workdir: str, lead: bool, stop: _StopFlag) -> dict[str, 
       if need_ckpt:
         save(step)
       if need_eval:
-        metrics, line = evaluator(state.params, step)
-        writer.write(step, metrics)
-        result.update(metrics)
-        if lead:
-          logging.info('step %d: %s', step, line)
+        evaluate_now()
     if pending is not None:
       flush(pending)
+    if evaluated_at != step:  # A rerun of a run stopped after its last checkpoint but before its last evaluation.
+      evaluate_now()
+    ckpt.wait()
+    ckpt.check_saves()
   except (KeyboardInterrupt, Preempted) as e:
     # Save where we are, if the state is known good, so the same command resumes here.
     if pending is not None:
