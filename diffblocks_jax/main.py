@@ -1,7 +1,11 @@
 """Entry point: parses flags and calls the library.
 
-  python -m diffblocks_jax.main --config=configs/cifar100_dblock.py --workdir=workdirs/run1 \
-      [--mode=train|eval|sample] [--config.optim.lr=5e-4 ...]
+  python -m diffblocks_jax.main --config=configs/cifar100_dblock.py --workdir=workdirs/run1
+      [--mode=train|eval|sample] [--config.optim.lr=5e-4 ...] [--library_logs]
+  python -m diffblocks_jax.main --workdir=workdirs/run1 --mode=eval [--config.eval.cfg_scale=2 ...]
+
+Without --config, eval and sample read the run's WORKDIR/config.json. A mistake (an unknown flag or config
+field, a missing config file, workdir or checkpoint, an impossible setting) prints one message and exits 2.
 """
 
 import sys
@@ -9,36 +13,37 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffblocks_jax import distributed, locking, train
+from diffblocks_jax import cli, distributed, train
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (eval, sample: default '
+                                          'WORKDIR/config.json).', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and logs.')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'sample'],
                           'Train (and resume), evaluate a checkpoint, or write samples (image generation).')
 _NUM_SAMPLES = flags.DEFINE_integer('num_samples', 100, '--mode=sample: how many samples go into the .npz.')
-flags.mark_flags_as_required(['config', 'workdir'])
+_LIBRARY_LOGS = flags.DEFINE_bool('library_logs', False, "Show the INFO lines of Orbax, JAX and TensorFlow "
+                                  '(hidden by default: they drown the progress lines).')
+flags.mark_flags_as_required(['workdir'])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  config = _CONFIG.value
-  distributed.maybe_initialize(config)
-  logging.info('Config:\n%s', config)
-  if _MODE.value == 'train':
-    try:
-      train.train_and_evaluate(config, _WORKDIR.value)
-    except train.Preempted as e:
-      logging.warning('%s', e)
-      sys.exit(train.EXIT_PREEMPTED)
-    except locking.WorkdirBusyError as e:
-      logging.error('%s', e)
-      sys.exit(2)
-  elif _MODE.value == 'eval':
-    train.evaluate(config, _WORKDIR.value)
-  else:
-    train.sample(config, _WORKDIR.value, _NUM_SAMPLES.value)
+  del argv  # cli.parse_flags refuses extra arguments.
+  cli.quiet_library_logs(not _LIBRARY_LOGS.value)
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  with cli.exit_on_user_error():
+    distributed.maybe_initialize(config)
+    logging.info('Config:\n%s', config)
+    if _MODE.value == 'train':
+      try:
+        train.train_and_evaluate(config, workdir)
+      except train.Preempted as e:
+        logging.warning('%s', e)
+        sys.exit(train.EXIT_PREEMPTED)
+    elif _MODE.value == 'eval':
+      train.evaluate(config, workdir)
+    else:
+      train.sample(config, workdir, _NUM_SAMPLES.value)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -79,25 +79,104 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 class Progress:
-  """Throughput and ETA from wall time between reports (excluding the first, compile-heavy chunk)."""
+  """Progress lines: step and epoch out of their totals, the training loss, throughput and ETA.
+
+  Throughput counts from `start(step)`: call it right after the first compiled call returns (its compilation
+  is done, its steps are running), with the step that call started from, so that the first line already has
+  img/s and an ETA without the compile time in them. Without `start`, the first line starts the clock (and
+  shows '?'). Wall time between lines includes evaluations and checkpoints, so the ETA does too.
+  """
 
   def __init__(self, total_steps: int, batch_size: int, steps_per_epoch: int):
     self.total, self.batch_size, self.steps_per_epoch = total_steps, batch_size, steps_per_epoch
     self._t0 = self._step0 = None
 
+  def start(self, step: int) -> None:
+    self._t0, self._step0 = time.perf_counter(), step
+
+  def steps_per_second(self, step: int) -> float:
+    """Steps per second since `start` (NaN before it, or before any step has run since)."""
+    if self._t0 is None or step <= self._step0:
+      return float('nan')
+    return (step - self._step0) / max(time.perf_counter() - self._t0, 1e-9)
+
   def line(self, step: int, metrics: dict) -> str:
-    now = time.perf_counter()
     if self._t0 is None:
-      self._t0, self._step0 = now, step
-      rate = float('nan')
-    else:
-      rate = (step - self._step0) / max(now - self._t0, 1e-9)
-    eta = (self.total - step) / rate if rate == rate and rate > 0 else float('nan')
+      self.start(step)
+    rate = self.steps_per_second(step)
+    eta = (self.total - step) / rate if rate > 0 else float('nan')  # NaN > 0 is False.
     shown = ' '.join(f'{k.split("/")[-1]} {v:.4g}' for k, v in metrics.items()
                      if k.startswith('train/loss'))
-    img_s = f'{rate * self.batch_size:,.0f}' if rate == rate else '?'
-    return (f'step {step}/{self.total} (epoch {step / self.steps_per_epoch:.2f}) {shown} | '
-            f'{img_s} img/s | ETA {format_duration(eta)}')
+    img_s = f'{rate * self.batch_size:,.0f}' if math.isfinite(rate) else '?'
+    epochs = f'{_number(step / self.steps_per_epoch)}/{_number(self.total / self.steps_per_epoch)}'
+    head = ' '.join(filter(None, [f'step {step}/{self.total} (epoch {epochs})', shown]))
+    return f'{head} | {img_s} img/s | ETA {format_duration(eta)}'
+
+
+def _number(x: float) -> str:
+  """10 -> '10', 2.5 -> '2.5', 1/3 -> '0.33': epochs as a person writes them."""
+  return f'{x:.2f}'.rstrip('0').rstrip('.')
+
+
+def end_summary(result: dict, *, workdir: str, total_steps: int, wall_s: float, start_step: int = 0,
+                batch_size: int | None = None, checkpoint_dir: str | None = None,
+                checkpoint_step: int | None = None) -> str:
+  """What a finished (or stopped) run reached and where everything is, as a few lines for the log.
+
+  `result` is train_and_evaluate's dict ('step', 'eval/...', 'train/...'); `wall_s` the wall time of this
+  session, which started (fresh or resumed) at `start_step`; with `batch_size`, its throughput.
+  """
+  step = int(result.get('step', 0))
+  head = f'Finished {step}/{total_steps} steps' if step >= total_steps else f'Stopped at step {step}/{total_steps}'
+  speed = f' ({(step - start_step) / wall_s * batch_size:,.0f} img/s)' if batch_size and wall_s > 0 else ''
+  lines = [f'{head}; this session took {format_duration(wall_s)}{speed}.']
+  evals = {k: v for k, v in result.items() if k.startswith('eval/')}
+  if evals:
+    lines.append('  test: ' + ', '.join(f'{_METRIC_NAMES.get(k, k)} {v:.4g}' for k, v in sorted(evals.items())))
+  else:
+    lines.append('  test: no evaluation in this session')
+  if 'train/loss' in result:
+    lines.append(f'  train: loss {result["train/loss"]:.4g} (the last logging window)')
+  workdir = os.path.abspath(workdir)
+  if checkpoint_dir:
+    latest = f' (latest step {checkpoint_step})' if checkpoint_step is not None else ''
+    lines.append(f'  checkpoints: {os.path.abspath(checkpoint_dir)}{latest}')
+  lines.append(f'  metrics: {os.path.join(workdir, "metrics.jsonl")}')
+  if os.path.isdir(os.path.join(workdir, 'tensorboard')):
+    lines.append(f'  TensorBoard: tensorboard --logdir {os.path.join(workdir, "tensorboard")}')
+  lines.append(f'  evaluate again: python -m diffblocks_jax.main --mode=eval --workdir={workdir}')
+  return '\n'.join(lines)
+
+
+# How the summary names the metrics a reader looks for first (the rest keep their metrics.jsonl names).
+_METRIC_NAMES = {'eval/accuracy': 'accuracy (eval/accuracy)', 'eval/fd': 'FD (eval/fd)',
+                 'eval/sample_accuracy': 'sample accuracy (eval/sample_accuracy)'}
+
+
+def resolve_path(path: str) -> str:
+  """A path as the person meant it: absolute; or relative to the current folder if it exists there; else
+  relative to the repository root. Notebooks' kernels run in notebooks/, while paths like
+  'workdirs/digits_dblock' are written from the root, where the README's commands run."""
+  path = os.path.expanduser(path)
+  if os.path.isabs(path) or os.path.exists(path):
+    return path
+  root = repository_root()
+  return os.path.join(root, path) if root else path
+
+
+def repository_root() -> str | None:
+  """The folder holding pyproject.toml: above the current folder, else above this package (an editable
+  install); None if neither has one (an installed wheel run elsewhere)."""
+  for start in (os.getcwd(), os.path.dirname(os.path.abspath(__file__))):
+    folder = os.path.abspath(start)
+    while True:
+      if os.path.exists(os.path.join(folder, 'pyproject.toml')):
+        return folder
+      parent = os.path.dirname(folder)
+      if parent == folder:
+        break
+      folder = parent
+  return None
 
 
 def write_png(path: str, image: np.ndarray) -> None:

@@ -353,9 +353,10 @@ def _train_loop(config, workdir: str, lead: bool, stop: _StopFlag) -> dict[str, 
   progress = reporting.Progress(exp.total_steps, config.train.batch_size, exp.steps_per_epoch)
   eval_every = max(1, round(config.train.eval_every_epochs * exp.steps_per_epoch)) \
       if config.train.eval_every_epochs > 0 else exp.total_steps
-  step = int(state.step)
+  step = first_step = int(state.step)
   last_good = step
   evaluated_at = None
+  started = time.perf_counter()
   window: dict[str, list] = {}
   result: dict[str, float] = {}
   crossed = lambda every, before, after: after // every > before // every or after == exp.total_steps
@@ -415,6 +416,8 @@ def _train_loop(config, workdir: str, lead: bool, stop: _StopFlag) -> dict[str, 
         raise Preempted('SIGTERM')
       n = min(config.train.steps_per_call, exp.total_steps - step)
       state, metrics = chunk_fn(state, images, labels, n)
+      if step == first_step:
+        progress.start(step)  # Throughput from here on: the first call's compile is not in it.
       if pending is not None:
         flush(pending)  # The previous chunk's metrics, fetched while this one runs.
       ckpt.check_saves()  # A failed asynchronous save is reported now, not at the next checkpoint.
@@ -450,9 +453,15 @@ def _train_loop(config, workdir: str, lead: bool, stop: _StopFlag) -> dict[str, 
                       f'{ckpt.latest_step()} is saved in {ckpt.directory}. Run the same command to resume.') from None
     raise
   finally:
+    latest = ckpt.latest_step()
     ckpt.close()
     writer.close()
   result['step'] = step
+  if lead:
+    logging.info('%s', reporting.end_summary(result, workdir=workdir, total_steps=exp.total_steps,
+                                             wall_s=time.perf_counter() - started, start_step=first_step,
+                                             batch_size=config.train.batch_size, checkpoint_dir=ckpt.directory,
+                                             checkpoint_step=latest))
   return result
 
 
@@ -462,8 +471,12 @@ def _main_thread() -> bool:
 
 def load_trained(config, workdir: str, step: int | None = None):
   """(experiment, state) from WORKDIR/checkpoints: for eval mode, notebooks and tests."""
+  directory = os.path.join(workdir, 'checkpoints')
+  if '://' not in directory and not os.path.isdir(directory):  # Opening a Checkpointer would create it.
+    raise FileNotFoundError(f'No checkpoint in {directory}: train first with --workdir={workdir}, or import '
+                            'one with diffblocks_jax.import_torch.')
   exp = build_experiment(config)
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=config.train.keep_checkpoints)
+  ckpt = checkpointing.Checkpointer(directory, keep=config.train.keep_checkpoints)
   try:
     restored = ckpt.restore(exp.abstract_state, step=step or None)
   finally:

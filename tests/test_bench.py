@@ -63,6 +63,7 @@ def check_records(records: list[dict]) -> None:
                                                                           rows['dblock_block0']['temp_bytes'])
 
 
+@pytest.mark.slow
 def test_tiny_suite_python_entry():
   records = bench.run(bench.tiny_suite(), windows=1, steps_per_window=1, compiler_options=FAST_COMPILE)
   check_records(records)
@@ -70,6 +71,7 @@ def test_tiny_suite_python_entry():
   assert all(row in table for row in TINY_ROWS)
 
 
+@pytest.mark.slow
 def test_tiny_suite_command_line(tmp_path):
   out = tmp_path / 'bench.json'
   env = dict(os.environ, XLA_FLAGS=f'{os.environ.get("XLA_FLAGS", "")} {FAST_XLA_FLAGS}', JAX_PLATFORMS='cpu')

@@ -15,6 +15,7 @@ from diffblocks_jax import config as config_lib
 from conftest import HANG_GUARD_S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow  # Real trainings: minutes each.
 
 
 # Measured on the development machine: digits_vit 98.9 %; digits_dblock 98.9 % (seeds 1 and 2: 96.1 %, 96.7 %;
@@ -75,7 +76,7 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted_run(tmp_path):
   proc = _start(killed)
   try:
     # Wait for a checkpoint past the first, then SIGKILL: no handler runs, nothing gets flushed.
-    deadline = time.time() + 240
+    deadline = time.time() + HANG_GUARD_S
     while time.time() < deadline and proc.poll() is None:
       folder = os.path.join(killed, 'checkpoints')
       # Orbax renames a finished save to its bare step number; in-flight ones carry a tmp suffix.
@@ -85,7 +86,7 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted_run(tmp_path):
       time.sleep(0.2)
     assert proc.poll() is None, f'run ended before it could be killed: {proc.stderr.read()[-2000:]}'
     proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    proc.wait(timeout=HANG_GUARD_S)
   finally:
     if proc.poll() is None:
       proc.kill()

@@ -62,6 +62,7 @@ def test_cifar100_train_eval_resume_under_mock_data(tmp_path, name):
   assert os.listdir(os.path.join(workdir, 'tensorboard'))
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   workdir = str(tmp_path)
   config = config_lib.load_file(os.path.join(ROOT, 'configs', 'testing.py:vit'))
@@ -119,6 +120,7 @@ def test_cli_missing_tfds_data_says_what_to_do(tmp_path):
   assert not os.path.exists(os.path.join(tmp_path, 'w', 'checkpoints'))
 
 
+@pytest.mark.slow
 def test_cli_corrupt_latest_checkpoint_falls_back_and_loses_nothing(tmp_path):
   workdir = str(tmp_path)
   flags = ['--config=configs/testing.py:dblock', f'--workdir={workdir}', '--config.data.source=digits',
@@ -173,6 +175,7 @@ def test_tinyimagenet_config_trains_from_a_folder_in_its_layout(tmp_path):
   assert train.evaluate(config, str(tmp_path / 'workdir'))['eval/accuracy'] == pytest.approx(result['eval/accuracy'])
 
 
+@pytest.mark.slow
 def test_offloaded_blocks_train_resume_and_evaluate_like_resident_ones(tmp_path):
   """`train.offload_idle_blocks` through the whole loop: checkpoints from host memory, resume into host memory,
   evaluation; the parameters equal a run whose blocks stay on the device."""

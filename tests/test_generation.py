@@ -263,6 +263,7 @@ def cifar10_config(name, workdir_of_classifier=''):
   return config
 
 
+@pytest.mark.slow
 def test_cifar10_generation_configs_train_resume_evaluate_sample_under_mock_data(tmp_path):
   """Both CIFAR-10 configs train and score against a classifier trained first; the block-wise one also resumes,
   evaluates and samples (the end-to-end one shares that code: it is not run twice, to keep the suite short)."""

