@@ -30,7 +30,7 @@ from diffblocks_jax.data import dataset
 
 EXIT_USAGE = 2
 # A missing workdir/config.json or checkpoint is a FileNotFoundError naming the path (config.load_workdir,
-# train.load_trained); MeshError is a ConfigError.
+# experiment.load_trained); MeshError is a ConfigError.
 USER_ERRORS = (config_lib.ConfigError, dataset.DataError, checkpointing.CheckpointError, locking.WorkdirBusyError,
                FileNotFoundError)
 TRACEBACK_ENV = 'DIFFBLOCKS_TRACEBACK'

@@ -13,7 +13,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffblocks_jax import cli, distributed, train
+from diffblocks_jax import cli, distributed, evaluation, train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (eval, sample: default '
                                           'WORKDIR/config.json).', lock_config=True)
@@ -40,9 +40,9 @@ def main(argv):
         logging.warning('%s', e)
         sys.exit(train.EXIT_PREEMPTED)
     elif _MODE.value == 'eval':
-      train.evaluate(config, workdir)
+      evaluation.evaluate(config, workdir)
     else:
-      train.sample(config, workdir, _NUM_SAMPLES.value)
+      evaluation.sample(config, workdir, _NUM_SAMPLES.value)
 
 
 if __name__ == '__main__':

@@ -1,4 +1,5 @@
-"""Training and evaluation loops: config → mesh → data → model/optimizer → steps → loop → checkpoints/logs.
+"""The training loop: an `Experiment` (experiment.py) → steps → many steps per compiled call → checkpoints, logs,
+evaluations (evaluation.py).
 
 Many steps run per compiled call (`lax.scan`): batch indices, augmentation, the block draw and the update
 all happen on the device, and the host only logs, evaluates and checkpoints between calls.
@@ -6,94 +7,22 @@ all happen on the device, and the host only logs, evaluates and checkpoints betw
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
 import threading
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from flax import nnx
 
-from diffblocks_jax import checkpointing, diffusion, locking, models, reporting, sampling, sharding, tasks
+from diffblocks_jax import checkpointing, diffusion, evaluation, locking, reporting, sharding, tasks
 from diffblocks_jax import config as config_lib
-from diffblocks_jax.core import blocks, optim, steps
+from diffblocks_jax.core import blocks, steps
 from diffblocks_jax.data import input_pipeline
-from diffblocks_jax.tasks import classification
-
-
-@dataclasses.dataclass
-class Experiment:
-  """Everything derived from a config and its dataset, before any parameter exists."""
-  config: Any
-  mesh: jax.sharding.Mesh
-  data: input_pipeline.Dataset
-  graphdef: Any
-  abstract_state: steps.TrainState  # ShapeDtypeStructs carrying their shardings.
-  num_blocks: int
-  steps_per_epoch: int
-  total_steps: int
-  schedule: Any
-
-  def init_state(self) -> steps.TrainState:
-    """Real parameters, built directly in their shardings (and memory kinds) under jit."""
-    shardings = jax.tree.map(lambda a: a.sharding, self.abstract_state)
-    return jax.jit(self._init, out_shardings=shardings)()
-
-  def _init(self) -> steps.TrainState:
-    c, d = self.config, self.data
-    model = models.build(c.model, image_size=d.image_size, channels=d.channels, num_classes=d.num_classes,
-                         seed=c.seed, sigma_data=c.diffusion.sigma_data)
-    return steps.init_state(models.split(model)[1], c.seed)
-
-
-def build_experiment(config) -> Experiment:
-  """Validates the config, builds the mesh, loads the data and derives shapes (no parameters yet)."""
-  config_lib.validate(config, num_devices=jax.device_count())
-  data = input_pipeline.load_dataset(config.data, process_index=jax.process_index(),
-                                     process_count=jax.process_count())
-  return experiment_from_data(config, data)
-
-
-def experiment_from_data(config, data: input_pipeline.Dataset, mesh=None) -> Experiment:
-  """The experiment for an already-loaded dataset (the benchmark passes synthetic data)."""
-  config_lib.validate(config, num_devices=jax.device_count())
-  config_lib.validate_data(config, image_size=data.image_size, channels=data.channels)
-  mesh = mesh or sharding.make_mesh(config)
-  num_blocks = config_lib.num_blocks(config)
-  local_batch = config.train.batch_size // jax.process_count()
-  steps_per_epoch = len(data.train_images) // local_batch
-  if steps_per_epoch < 1:
-    raise config_lib.ConfigError(f'config.train.batch_size={config.train.batch_size} is larger than the '
-                                 f'{len(data.train_images)} training examples')
-  # Block-parallel training updates every block each step: num_epochs of steps already give each block the
-  # updates that B·num_epochs sequential epochs give it on average (SPEC §5.7).
-  block_factor = num_blocks if (config_lib.uses_blocks(config) and config.train.scale_epochs_by_blocks
-                                and not config.parallel_blocks) else 1
-  total_steps = config.train.num_epochs * block_factor * steps_per_epoch
-  warmup_steps = round(config.optim.warmup_epochs * block_factor * steps_per_epoch)
-  schedule = optim.make_schedule(config.optim, total_steps, warmup_steps)
-  exp = Experiment(config, mesh, data, None, None, num_blocks, steps_per_epoch, total_steps, schedule)
-  abstract_model = nnx.eval_shape(lambda: models.build(
-      config.model, image_size=data.image_size, channels=data.channels, num_classes=data.num_classes,
-      sigma_data=config.diffusion.sigma_data))
-  exp.graphdef = models.split(abstract_model)[0]
-  abstract = jax.eval_shape(exp._init)
-  shardings = sharding.state_shardings(mesh, abstract, offload=config.train.offload_idle_blocks)
-  exp.abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
-                                    shardings)
-  return exp
-
-
-def put_train_split(exp: Experiment):
-  """(images, labels): this process's training shard as global arrays, rows sharded on 'data' (sharding.py)."""
-  return (sharding.put_rows(exp.mesh, exp.data.train_images),
-          sharding.put_rows(exp.mesh, exp.data.train_labels.astype(np.int32)))
+from diffblocks_jax.experiment import Experiment, build_experiment, put_train_split
 
 
 def make_train_step(exp: Experiment, *, block: int | None = None):
@@ -151,79 +80,6 @@ def make_train_chunk(exp: Experiment, *, block: int | None = None, train_step=No
   rows = sharding.split_sharding(mesh)
   return jax.jit(chunk, static_argnums=3, donate_argnums=0, in_shardings=(state_shardings, rows, rows),
                  out_shardings=(state_shardings, sharding.replicated(mesh)))
-
-
-def make_eval_fn(exp: Experiment, **sampler_overrides):
-  """(params, key) → test logits for the whole split (padded last batch, nothing dropped)."""
-  predict = classification.make_predict_fn(exp.graphdef, exp.config, **sampler_overrides)
-  data_config = exp.config.data
-  batches = sharding.eval_batch_sharding(exp.mesh)
-  # Logits replicated: every process can read them (multi-host) and score the split. The parameters come as
-  # they are (block-parallel: each block on its group; XLA moves what the sampler needs).
-  jitted = jax.jit(lambda p, x, k: predict(p, input_pipeline.normalize(x, data_config), k),
-                   in_shardings=(None, batches, None), out_shardings=sharding.replicated(exp.mesh))
-  # Every process holds the whole test split: each places its devices' rows of a batch.
-  to_global = lambda batch: jax.make_array_from_callback(batch.shape, batches, lambda index: batch[index])
-  # Rounded up to a multiple of the devices (predict_split pads the batches, so nothing is scored twice).
-  batch_size = -(-exp.config.eval.batch_size // exp.mesh.size) * exp.mesh.size
-  key = jax.random.fold_in(jax.random.key(exp.config.seed), 0xe7a1)
-  return lambda params: classification.predict_split(jitted, sharding.on_device(params), exp.data.test_images,
-                                                     batch_size, key, preprocess=to_global)
-
-
-def evaluate_params(exp: Experiment, params, **sampler_overrides) -> float:
-  logits = make_eval_fn(exp, **sampler_overrides)(params)
-  return classification.accuracy(logits, exp.data.test_labels)
-
-
-def make_evaluator(exp: Experiment, workdir: str):
-  """(params, step) -> (metrics, log line) of the config's task, built (and its inputs checked) up front."""
-  if config_lib.task_name(exp.config) == 'classification':
-    eval_fn = make_eval_fn(exp)
-
-    def classification_eval(params, step):
-      del step
-      accuracy = classification.accuracy(eval_fn(params), exp.data.test_labels)
-      return {'eval/accuracy': accuracy}, f'test accuracy {accuracy:.4f} on {len(exp.data.test_labels)} images'
-
-    return classification_eval
-  e = exp.config.eval
-  evaluator = sampling.GenerationEvaluator(exp, workdir, classifier=load_classifier(exp),
-                                           feature_fn=sampling.load_feature_fn(e.feature_fn) if e.feature_fn else None)
-
-  def generation_eval(params, step):
-    metrics = evaluator(params, step)
-    return metrics, sampling.describe(metrics, evaluator.num_samples)
-
-  return generation_eval
-
-
-def load_classifier(exp: Experiment) -> sampling.Classifier | None:
-  """The classifier of config.eval.classifier_workdir (a finished run on the same data), checked up front."""
-  path = exp.config.eval.classifier_workdir
-  if not path:
-    logging.warning('config.eval.classifier_workdir is empty: no eval/fd or eval/sample_accuracy, only sample '
-                    'grids. Train a classifier on the same data first (e.g. configs/digits_vit.py) and pass '
-                    'its workdir.')
-    return None
-  try:
-    cls_config = config_lib.load_workdir(path)
-  except FileNotFoundError as e:
-    raise config_lib.ConfigError(f'config.eval.classifier_workdir={path!r}: {e}') from None
-  if config_lib.task_name(cls_config) != 'classification':
-    raise config_lib.ConfigError(f'config.eval.classifier_workdir={path!r} holds a {cls_config.model.kind!r} '
-                                 'run, not a classifier (model.kind vit or dblock)')
-  fields = ('source', 'name', 'path', 'split_seed', 'train_split', 'test_split', 'label_key')
-  differ = [f for f in fields if cls_config.data.get(f) != exp.config.data.get(f)]
-  if differ:
-    raise config_lib.ConfigError(f'config.eval.classifier_workdir={path!r} was trained on other data '
-                                 f'(config.data.{", ".join(differ)} differ): FD needs the same dataset')
-  if cls_config.model.kind != 'vit':
-    raise config_lib.ConfigError(f'config.eval.classifier_workdir={path!r}: the features come from the '
-                                 "end-to-end ViT (model.kind 'vit'), not 'dblock'")
-  cls_exp, state = load_trained(cls_config, path)
-  logging.info('Quality features: the ViT classifier of %s (checkpoint step %d).', path, int(state.step))
-  return sampling.Classifier(cls_exp.graphdef, sharding.on_device(state.params), cls_config.data, path)
 
 
 EXIT_PREEMPTED = 75  # Exit status of a run stopped by SIGTERM after saving (EX_TEMPFAIL: run it again).
@@ -348,7 +204,7 @@ def _train_loop(config, workdir: str, lead: bool, stop: _StopFlag) -> dict[str, 
         return dict(finished[-1], step=start)
   images, labels = put_train_split(exp)
   chunk_fn = make_train_chunk(exp)
-  evaluator = make_evaluator(exp, workdir)
+  evaluator = evaluation.make_evaluator(exp, workdir)
   writer = reporting.MetricWriter(workdir, enabled=lead)
   progress = reporting.Progress(exp.total_steps, config.train.batch_size, exp.steps_per_epoch)
   eval_every = max(1, round(config.train.eval_every_epochs * exp.steps_per_epoch)) \
@@ -469,42 +325,3 @@ def _main_thread() -> bool:
   return threading.current_thread() is threading.main_thread()
 
 
-def load_trained(config, workdir: str, step: int | None = None):
-  """(experiment, state) from WORKDIR/checkpoints: for eval mode, notebooks and tests."""
-  directory = os.path.join(workdir, 'checkpoints')
-  if '://' not in directory and not os.path.isdir(directory):  # Opening a Checkpointer would create it.
-    raise FileNotFoundError(f'No checkpoint in {directory}: train first with --workdir={workdir}, or import '
-                            'one with diffblocks_jax.import_torch.')
-  exp = build_experiment(config)
-  ckpt = checkpointing.Checkpointer(directory, keep=config.train.keep_checkpoints)
-  try:
-    restored = ckpt.restore(exp.abstract_state, step=step or None)
-  finally:
-    ckpt.close()
-  if restored is None:
-    raise FileNotFoundError(f'No checkpoint in {os.path.join(workdir, "checkpoints")}: train first with '
-                            f'--workdir={workdir}, or import one with diffblocks_jax.import_torch.')
-  return exp, restored[0]
-
-
-def evaluate(config, workdir: str) -> dict[str, float]:
-  """--mode=eval: the task's test figures for the latest (or config.eval.step) checkpoint, logged and returned."""
-  exp, state = load_trained(config, workdir, config.eval.step)
-  step = int(state.step)
-  metrics, line = make_evaluator(exp, workdir)(state.params, step)
-  logging.info('Checkpoint step %d: %s.', step, line)
-  result = {'step': step, **metrics}
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'eval.json'), 'w') as f:
-      json.dump(result, f)
-  return result
-
-
-def sample(config, workdir: str, num_samples: int = 100) -> str:
-  """--mode=sample (image generation): the class grid and `num_samples` samples of the latest checkpoint."""
-  if config_lib.task_name(config) != 'generation':
-    raise config_lib.ConfigError(f'--mode=sample needs an image-generation config (model.kind dit or '
-                                 f'dit_dblock), not model.kind={config.model.kind!r}')
-  exp, state = load_trained(config, workdir, config.eval.step)
-  return sampling.write_samples(sampling.GenerationEvaluator(exp, workdir), state.params, int(state.step),
-                                num_samples, config.seed)

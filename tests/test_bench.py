@@ -16,7 +16,7 @@ import sys
 import jax
 import pytest
 
-from diffblocks_jax import sharding, train
+from diffblocks_jax import sharding, experiment
 from diffblocks_jax.tools import bench
 from conftest import HANG_GUARD_S
 
@@ -89,7 +89,7 @@ def _step_temp(kind: str, num_blocks: int = 1) -> int:
                          patch_size=2, num_blocks=num_blocks)  # 16x16 images: 64 tokens + 1.
   setting = bench.Setting('memory', config, 16, 3, 10)
   config = bench.variant_config(config, kind=kind)
-  exp = train.experiment_from_data(config, bench.synthetic_data(setting),
+  exp = experiment.experiment_from_data(config, bench.synthetic_data(setting),
                                    mesh=sharding.make_mesh(config, jax.local_devices()[:1]))
   return bench.step_memory(exp, compiler_options=FAST_COMPILE)['temp_bytes']
 

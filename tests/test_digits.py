@@ -10,7 +10,7 @@ import chex
 import numpy as np
 import pytest
 
-from diffblocks_jax import train
+from diffblocks_jax import experiment, train
 from diffblocks_jax import config as config_lib
 from conftest import HANG_GUARD_S
 
@@ -66,7 +66,7 @@ def _start(workdir):
 
 def _final_params(workdir):
   config = config_lib.load_workdir(workdir)
-  exp, state = train.load_trained(config, workdir)
+  exp, state = experiment.load_trained(config, workdir)
   assert int(state.step) == exp.total_steps
   return state
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from diffblocks_jax import checkpointing, reporting, train
+from diffblocks_jax import checkpointing, evaluation, experiment, reporting, train
 from diffblocks_jax import config as config_lib
 from conftest import HANG_GUARD_S
 
@@ -55,7 +55,7 @@ def test_cifar100_train_eval_resume_under_mock_data(tmp_path, name):
     assert all(np.isfinite(r['train/loss']) for r in records if 'train/loss' in r)
     if blocks > 1:
       assert any(k.startswith('train/loss_block') for r in records for k in r)
-    evaluated = train.evaluate(cifar_config(name), workdir)
+    evaluated = evaluation.evaluate(cifar_config(name), workdir)
   assert evaluated['step'] == 4 * blocks
   assert evaluated['eval/accuracy'] == pytest.approx(result['eval/accuracy'])
   assert json.load(open(os.path.join(workdir, 'config.json')))['model']['kind'] == ('dblock' if blocks > 1 else 'vit')
@@ -172,7 +172,7 @@ def test_tinyimagenet_config_trains_from_a_folder_in_its_layout(tmp_path):
   result = train.train_and_evaluate(config, str(tmp_path / 'workdir'))
   assert result['step'] == 4  # 8 images / 4 = 2 steps x B=2.
   # The checkpoint, restored and scored again, gives what training reported.
-  assert train.evaluate(config, str(tmp_path / 'workdir'))['eval/accuracy'] == pytest.approx(result['eval/accuracy'])
+  assert evaluation.evaluate(config, str(tmp_path / 'workdir'))['eval/accuracy'] == pytest.approx(result['eval/accuracy'])
 
 
 @pytest.mark.slow
@@ -197,7 +197,7 @@ def test_offloaded_blocks_train_resume_and_evaluate_like_resident_ones(tmp_path)
     workdir = str(tmp_path / f'offload_{offload}')
     train.train_and_evaluate(config(offload, 1), workdir)
     results[offload] = train.train_and_evaluate(config(offload, 2), workdir)  # Resumes at the last step.
-    exp, state = train.load_trained(config(offload, 2), workdir)
+    exp, state = experiment.load_trained(config(offload, 2), workdir)
     kinds = {leaf.sharding.memory_kind for leaf in jax.tree.leaves(state.params['blocks'])}
     assert kinds == ({'pinned_host'} if offload else {'device'}), kinds
     results[offload]['params'] = jax.device_get(state.params)

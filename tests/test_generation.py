@@ -268,7 +268,7 @@ def test_cifar10_generation_configs_train_resume_evaluate_sample_under_mock_data
   """Both CIFAR-10 configs train and score against a classifier trained first; the block-wise one also resumes,
   evaluates and samples (the end-to-end one shares that code: it is not run twice, to keep the suite short)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from diffblocks_jax import train  # pylint: disable=g-import-not-at-top
+  from diffblocks_jax import evaluation, train  # pylint: disable=g-import-not-at-top
   classifier = str(tmp_path / 'vit')
   with tfds.testing.mock_data(num_examples=16):
     train.train_and_evaluate(cifar10_config('cifar10_vit.py'), classifier)
@@ -282,9 +282,9 @@ def test_cifar10_generation_configs_train_resume_evaluate_sample_under_mock_data
     config = cifar10_config('cifar10_dit_dblock.py', classifier)
     config.train.num_epochs = 2
     assert train.train_and_evaluate(config, workdir)['step'] == 12  # Resumed at 6, not restarted.
-    evaluated = train.evaluate(config, workdir)
+    evaluated = evaluation.evaluate(config, workdir)
     assert evaluated['step'] == 12 and evaluated['eval/fd'] > 0.01
-    stem = train.sample(config, workdir, num_samples=12)
+    stem = evaluation.sample(config, workdir, num_samples=12)
   saved = np.load(stem + '.npz')
   assert saved['images'].shape == (12, 32, 32, 3) and saved['images'].dtype == np.uint8
   assert np.bincount(saved['labels']).tolist() == [2] * 2 + [1] * 8  # Class-balanced.
@@ -295,10 +295,10 @@ def test_cifar10_generation_configs_train_resume_evaluate_sample_under_mock_data
 
 def test_classifier_workdir_errors_name_the_field(tmp_path):
   import types  # pylint: disable=g-import-not-at-top
-  from diffblocks_jax import train  # pylint: disable=g-import-not-at-top
+  from diffblocks_jax import evaluation  # pylint: disable=g-import-not-at-top
   config = cifar10_config('cifar10_dit.py', str(tmp_path / 'missing'))
   with pytest.raises(config_lib.ConfigError, match=r'config.eval.classifier_workdir=.*missing.*config.json'):
-    train.load_classifier(types.SimpleNamespace(config=config))
+    evaluation.load_classifier(types.SimpleNamespace(config=config))
   for kind, name, match in (('dit', 'cifar10', 'not a classifier'), ('vit', 'cifar100', 'other data')):
     other = config_lib.load_file(os.path.join(ROOT, 'configs', 'cifar10_vit.py'))
     other.model.kind, other.data.name = kind, name
@@ -306,7 +306,7 @@ def test_classifier_workdir_errors_name_the_field(tmp_path):
     (tmp_path / kind / 'config.json').write_text(other.to_json())
     config.eval.classifier_workdir = str(tmp_path / kind)
     with pytest.raises(config_lib.ConfigError, match=match):
-      train.load_classifier(types.SimpleNamespace(config=config))
+      evaluation.load_classifier(types.SimpleNamespace(config=config))
 
 
 def test_generation_config_errors_name_the_field():

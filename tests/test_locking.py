@@ -13,7 +13,7 @@ import chex
 import pytest
 
 from diffblocks_jax import config as config_lib
-from diffblocks_jax import locking, train
+from diffblocks_jax import experiment, locking, train
 from conftest import HANG_GUARD_S
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -105,7 +105,7 @@ def run_and_terminate(workdir, after: str | None) -> subprocess.CompletedProcess
 
 def final_state(workdir):
   config = config_lib.load_workdir(str(workdir))
-  exp, state = train.load_trained(config, str(workdir))
+  exp, state = experiment.load_trained(config, str(workdir))
   assert int(state.step) == exp.total_steps
   return state
 

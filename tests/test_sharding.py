@@ -57,10 +57,10 @@ def tiny_config(kind: str = 'vit'):
 def _train(config, data, num_steps: int):
   """Loss per step and final parameters of `num_steps` steps on the config's mesh."""
   import jax  # pylint: disable=g-import-not-at-top
-  from diffblocks_jax import train  # pylint: disable=g-import-not-at-top
-  exp = train.experiment_from_data(config, data)
+  from diffblocks_jax import experiment, train  # pylint: disable=g-import-not-at-top
+  exp = experiment.experiment_from_data(config, data)
   state = exp.init_state()
-  images, labels = train.put_train_split(exp)
+  images, labels = experiment.put_train_split(exp)
   chunk = train.make_train_chunk(exp)
   state, first = chunk(state, images, labels, num_steps // 2)
   state, second = chunk(state, images, labels, num_steps - num_steps // 2)

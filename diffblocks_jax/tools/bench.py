@@ -45,7 +45,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from diffblocks_jax import config as config_lib
-from diffblocks_jax import sharding, train
+from diffblocks_jax import experiment, sharding, train
 from diffblocks_jax.data import input_pipeline
 from diffblocks_jax.tasks import classification, generation
 
@@ -163,7 +163,7 @@ def memory_fields(compiled) -> dict[str, int | None]:
   return {f'{k}_bytes': get(k) for k in MEMORY_FIELDS}
 
 
-def step_memory(exp: train.Experiment, block: int | None = None,
+def step_memory(exp: experiment.Experiment, block: int | None = None,
                 compiler_options: dict | None = None) -> dict[str, int | None]:
   """Compiled memory of one training step (state donated, batch already augmented); nothing runs."""
   c = exp.config
@@ -186,7 +186,7 @@ def window_times(run_window: Callable[[], Any], windows: int) -> list[float]:
   return times
 
 
-def _time_train(exp: train.Experiment, block: int | None, windows: int, num_steps: int, options,
+def _time_train(exp: experiment.Experiment, block: int | None, windows: int, num_steps: int, options,
                 states: dict[str, Any]):
   # Rows of one model kind pass the (donated) state on: one initialisation per kind, not per row. A state in
   # other memory (offloaded blocks) is a kind of its own.
@@ -208,7 +208,7 @@ def _time_train(exp: train.Experiment, block: int | None, windows: int, num_step
   return times, compile_s, exp.config.train.batch_size, memory_fields(compiled)
 
 
-def _compile_only(exp: train.Experiment, num_steps: int, options):
+def _compile_only(exp: experiment.Experiment, num_steps: int, options):
   """Compile time of the training chunk on abstract inputs (nothing runs): the program's cost in B."""
   images = jax.ShapeDtypeStruct(exp.data.train_images.shape, jnp.uint8)
   labels = jax.ShapeDtypeStruct(exp.data.train_labels.shape, jnp.int32)
@@ -217,7 +217,7 @@ def _compile_only(exp: train.Experiment, num_steps: int, options):
   return [float('nan')], time.perf_counter() - start, exp.config.train.batch_size, memory_fields(compiled)
 
 
-def state_bytes(exp: train.Experiment) -> dict[str, int]:
+def state_bytes(exp: experiment.Experiment) -> dict[str, int]:
   """Bytes of the train state by where it lives: the device, or host memory (offloaded block stacks)."""
   out = {'state_device_bytes': 0, 'state_host_bytes': 0}
   for leaf in jax.tree.leaves(exp.abstract_state):
@@ -226,7 +226,7 @@ def state_bytes(exp: train.Experiment) -> dict[str, int]:
   return out
 
 
-def _time_eval(exp: train.Experiment, windows: int, num_steps: int, options, states: dict[str, Any]):
+def _time_eval(exp: experiment.Experiment, windows: int, num_steps: int, options, states: dict[str, Any]):
   """Evaluation img/s: the baseline's forward or the N=B-step classification sampler on test images."""
   predict = classification.make_predict_fn(exp.graphdef, exp.config)
   data_config = exp.config.data
@@ -234,13 +234,13 @@ def _time_eval(exp: train.Experiment, windows: int, num_steps: int, options, sta
   return _time_inference(exp, fn, exp.data.test_images, windows, num_steps, options, states)
 
 
-def _time_sample(exp: train.Experiment, windows: int, num_steps: int, options, states: dict[str, Any]):
+def _time_sample(exp: experiment.Experiment, windows: int, num_steps: int, options, states: dict[str, Any]):
   """Sampling img/s: the config's image sampler (default 50 steps, guidance) on a batch of test labels."""
   fn = jax.jit(generation.make_sample_fn(exp.graphdef, exp.config, exp.data))
   return _time_inference(exp, fn, exp.data.test_labels, windows, num_steps, options, states)
 
 
-def _time_inference(exp: train.Experiment, fn, inputs: np.ndarray, windows: int, num_steps: int, options,
+def _time_inference(exp: experiment.Experiment, fn, inputs: np.ndarray, windows: int, num_steps: int, options,
                     states: dict[str, Any]):
   """`num_steps` calls of jitted fn(params, inputs, key) per window, with the kind's trained state if any."""
   kind = exp.config.model.kind
@@ -277,7 +277,7 @@ def run_variant(setting: Setting, variant: str, data: input_pipeline.Dataset, *,
   if name.startswith('compile_B'):  # Same depth, another number of blocks.
     config.model.num_blocks, config.model.layers_per_block = int(name.removeprefix('compile_B')), ()
   mesh = sharding.make_mesh(config, devices=jax.local_devices()[:1])
-  exp = train.experiment_from_data(config, data, mesh=mesh)
+  exp = experiment.experiment_from_data(config, data, mesh=mesh)
   if name.startswith('sample'):
     times, compile_s, batch, memory = _time_sample(exp, windows, steps_per_window, compiler_options, states)
   elif name.startswith('eval'):

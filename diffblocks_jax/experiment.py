@@ -1,0 +1,106 @@
+"""What a config builds before training: the mesh, the data, the model's shapes and shardings, the schedule
+(`Experiment`); and a trained run read back from its workdir (`load_trained`). Shared by the training loop,
+evaluation, the benchmark and the notebooks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from diffblocks_jax import checkpointing, models, sharding
+from diffblocks_jax import config as config_lib
+from diffblocks_jax.core import optim, steps
+from diffblocks_jax.data import input_pipeline
+
+
+@dataclasses.dataclass
+class Experiment:
+  """Everything derived from a config and its dataset, before any parameter exists."""
+  config: Any
+  mesh: jax.sharding.Mesh
+  data: input_pipeline.Dataset
+  graphdef: Any
+  abstract_state: steps.TrainState  # ShapeDtypeStructs carrying their shardings.
+  num_blocks: int
+  steps_per_epoch: int
+  total_steps: int
+  schedule: Any
+
+  def init_state(self) -> steps.TrainState:
+    """Real parameters, built directly in their shardings (and memory kinds) under jit."""
+    shardings = jax.tree.map(lambda a: a.sharding, self.abstract_state)
+    return jax.jit(self._init, out_shardings=shardings)()
+
+  def _init(self) -> steps.TrainState:
+    c, d = self.config, self.data
+    model = models.build(c.model, image_size=d.image_size, channels=d.channels, num_classes=d.num_classes,
+                         seed=c.seed, sigma_data=c.diffusion.sigma_data)
+    return steps.init_state(models.split(model)[1], c.seed)
+
+
+def build_experiment(config) -> Experiment:
+  """Validates the config, builds the mesh, loads the data and derives shapes (no parameters yet)."""
+  config_lib.validate(config, num_devices=jax.device_count())
+  data = input_pipeline.load_dataset(config.data, process_index=jax.process_index(),
+                                     process_count=jax.process_count())
+  return experiment_from_data(config, data)
+
+
+def experiment_from_data(config, data: input_pipeline.Dataset, mesh=None) -> Experiment:
+  """The experiment for an already-loaded dataset (the benchmark passes synthetic data)."""
+  config_lib.validate(config, num_devices=jax.device_count())
+  config_lib.validate_data(config, image_size=data.image_size, channels=data.channels)
+  mesh = mesh or sharding.make_mesh(config)
+  num_blocks = config_lib.num_blocks(config)
+  local_batch = config.train.batch_size // jax.process_count()
+  steps_per_epoch = len(data.train_images) // local_batch
+  if steps_per_epoch < 1:
+    raise config_lib.ConfigError(f'config.train.batch_size={config.train.batch_size} is larger than the '
+                                 f'{len(data.train_images)} training examples')
+  # Block-parallel training updates every block each step: num_epochs of steps already give each block the
+  # updates that B·num_epochs sequential epochs give it on average (SPEC §5.7).
+  block_factor = num_blocks if (config_lib.uses_blocks(config) and config.train.scale_epochs_by_blocks
+                                and not config.parallel_blocks) else 1
+  total_steps = config.train.num_epochs * block_factor * steps_per_epoch
+  warmup_steps = round(config.optim.warmup_epochs * block_factor * steps_per_epoch)
+  schedule = optim.make_schedule(config.optim, total_steps, warmup_steps)
+  exp = Experiment(config, mesh, data, None, None, num_blocks, steps_per_epoch, total_steps, schedule)
+  abstract_model = nnx.eval_shape(lambda: models.build(
+      config.model, image_size=data.image_size, channels=data.channels, num_classes=data.num_classes,
+      sigma_data=config.diffusion.sigma_data))
+  exp.graphdef = models.split(abstract_model)[0]
+  abstract = jax.eval_shape(exp._init)
+  shardings = sharding.state_shardings(mesh, abstract, offload=config.train.offload_idle_blocks)
+  exp.abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                                    shardings)
+  return exp
+
+
+def put_train_split(exp: Experiment):
+  """(images, labels): this process's training shard as global arrays, rows sharded on 'data' (sharding.py)."""
+  return (sharding.put_rows(exp.mesh, exp.data.train_images),
+          sharding.put_rows(exp.mesh, exp.data.train_labels.astype(np.int32)))
+
+
+def load_trained(config, workdir: str, step: int | None = None):
+  """(experiment, state) from WORKDIR/checkpoints: for eval mode, notebooks and tests."""
+  directory = os.path.join(workdir, 'checkpoints')
+  if '://' not in directory and not os.path.isdir(directory):  # Opening a Checkpointer would create it.
+    raise FileNotFoundError(f'No checkpoint in {directory}: train first with --workdir={workdir}, or import '
+                            'one with diffblocks_jax.import_torch.')
+  exp = build_experiment(config)
+  ckpt = checkpointing.Checkpointer(directory, keep=config.train.keep_checkpoints)
+  try:
+    restored = ckpt.restore(exp.abstract_state, step=step or None)
+  finally:
+    ckpt.close()
+  if restored is None:
+    raise FileNotFoundError(f'No checkpoint in {os.path.join(workdir, "checkpoints")}: train first with '
+                            f'--workdir={workdir}, or import one with diffblocks_jax.import_torch.')
+  return exp, restored[0]
