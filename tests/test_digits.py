@@ -18,19 +18,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow  # Real trainings: minutes each.
 
 
-# Measured on the development machine: digits_vit 98.9 %; digits_dblock 98.9 % (seeds 1 and 2: 96.1 %, 96.7 %;
-# split_seed 1: 97.5 %), so the issue's targets hold with margin for another CPU's float rounding.
+# Opt-in trainings: DIFFBLOCKS_LONG_TESTS=1 (the default suite must stay within its time budget on 2 cores).
+LONG = pytest.mark.skipif(os.environ.get('DIFFBLOCKS_LONG_TESTS') != '1',
+                          reason='a long CPU training: run with DIFFBLOCKS_LONG_TESTS=1')
+
+
+# Measured on the development machine: digits_vit 98.9 %; digits_dblock 96.9 / 95.8 / 96.4 % (seeds 0, 1, 2), so
+# the issue's targets hold with margin for another CPU's float rounding. The baseline's run (3 min) is opt-in:
+# the suite's budget goes to the DiffusionBlocks claim.
 @pytest.mark.slow
-@pytest.mark.parametrize('name, target', [('digits_vit.py', 0.95), ('digits_dblock.py', 0.93)])
+@pytest.mark.parametrize('name, target', [pytest.param('digits_vit.py', 0.95, marks=LONG),
+                                          ('digits_dblock.py', 0.93)])
 def test_digits_config_reaches_target_accuracy(tmp_path, name, target):
   """The shipped digits configs, unchanged, through the same library code as the CLI."""
   config = config_lib.load_file(os.path.join(ROOT, 'configs', name))
   result = train.train_and_evaluate(config, str(tmp_path))
   assert result['eval/accuracy'] >= target, result
-
-
-LONG = pytest.mark.skipif(os.environ.get('DIFFBLOCKS_LONG_TESTS') != '1',
-                          reason='about 30 min of CPU training: run with DIFFBLOCKS_LONG_TESTS=1')
 
 
 # Measured on the development machine (README, Image generation), equal layer-updates: sample accuracy 1.000 for
@@ -59,7 +62,10 @@ def _kill_config_flags(workdir):
 
 
 def _start(workdir):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
+  # One persistent XLA cache for the three runs (killed, resumed, clean): one compile, the same executable.
+  cache = os.path.join(os.path.dirname(workdir), 'xla_cache')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3', JAX_COMPILATION_CACHE_DIR=cache,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
   return subprocess.Popen([sys.executable, '-m', 'diffblocks_jax.main', *_kill_config_flags(workdir)],
                           cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 

@@ -78,10 +78,17 @@ def digits_args(workdir) -> list[str]:
           '--config.model.mlp_dim=64', '--library_logs']  # POINTS include an Orbax INFO line.
 
 
-def run_and_terminate(workdir, after: str | None) -> subprocess.CompletedProcess:
+def cached(cache_dir) -> dict[str, str]:
+  """The environment with one persistent XLA cache: the 21 runs compile once, not 21 times (a cache hit loads
+  the same executable, so bit-for-bit comparisons still hold)."""
+  return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+
+
+def run_and_terminate(workdir, after: str | None, env=None) -> subprocess.CompletedProcess:
   """Starts a run; sends SIGTERM once `after` appears in its log (at once if None); waits for it to end."""
   proc = subprocess.Popen(digits_args(workdir), cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                          text=True)
+                          text=True, env=env)
   log = []
   deadline = time.monotonic() + HANG_GUARD_S
   try:
@@ -119,21 +126,23 @@ POINTS = ['Loaded digits', 'Starting from scratch', 'step 3/33', 'Started save c
 
 @pytest.mark.slow
 def test_sigterm_at_several_points_saves_and_resumes_bit_for_bit(tmp_path):
-  clean = tmp_path / 'clean'
-  result = subprocess.run(digits_args(clean), cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_S)
+  clean, env = tmp_path / 'clean', cached(tmp_path / 'xla_cache')
+  result = subprocess.run(digits_args(clean), cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_S,
+                          env=env)
   assert result.returncode == 0, result.stderr[-3000:]
   want = final_state(clean)
   preempted = []
   for i, point in enumerate(POINTS):
     workdir = tmp_path / f'term{i}'
-    stopped = run_and_terminate(workdir, point)
+    stopped = run_and_terminate(workdir, point, env)
     if stopped.returncode == 0:  # The run finished before the signal could land: nothing to check there.
       continue
     assert stopped.returncode == train.EXIT_PREEMPTED, (point, stopped.stderr[-3000:])
     preempted.append(point)
     assert 'Stopped by SIGTERM at step' in stopped.stderr and 'Run the same command to resume' in stopped.stderr
     assert 'Traceback' not in stopped.stderr, (point, stopped.stderr[-3000:])
-    resumed = subprocess.run(digits_args(workdir), cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    resumed = subprocess.run(digits_args(workdir), cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_S,
+                             env=env)
     assert resumed.returncode == 0, (point, resumed.stderr[-3000:])
     chex.assert_trees_all_equal(final_state(workdir), want)
   # Only the last point may come too late (three steps were left when its line was printed).
