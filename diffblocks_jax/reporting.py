@@ -143,8 +143,9 @@ def end_summary(result: dict, *, workdir: str, total_steps: int, wall_s: float, 
     lines.append(f'  checkpoints: {os.path.abspath(checkpoint_dir)}{latest}')
   lines.append(f'  metrics: {os.path.join(workdir, "metrics.jsonl")}')
   if os.path.isdir(os.path.join(workdir, 'tensorboard')):
-    lines.append(f'  TensorBoard: tensorboard --logdir {os.path.join(workdir, "tensorboard")}')
-  lines.append(f'  evaluate again: python -m diffblocks_jax.main --mode=eval --workdir={workdir}')
+    board = os.path.join(workdir, 'tensorboard')
+    lines.append(f'  TensorBoard: uv run --with tensorboard tensorboard --logdir {board}')
+  lines.append(f'  evaluate again: uv run python -m diffblocks_jax.main --mode=eval --workdir={workdir}')
   return '\n'.join(lines)
 
 
