@@ -171,8 +171,14 @@ def _set_aside_metrics(workdir: str, step: int) -> None:
   os.replace(path + '.tmp', path)
 
 
+@jax.jit
+def _finite(tree) -> jax.Array:
+  # One module-level jit: a fresh lambda per save would compile again at every checkpoint.
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 def _all_finite(tree) -> bool:
-  return bool(jax.jit(lambda t: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(t)])))(tree))
+  return bool(_finite(tree))
 
 
 def _train_loop(config, workdir: str, lead: bool, stop: _StopFlag) -> dict[str, float]:

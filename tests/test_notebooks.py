@@ -29,10 +29,11 @@ FAST_ENV = {'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '2',
 
 # Both tiny runs in one process (one JAX start-up). Fewer, larger steps than testing.py's defaults: the same
 # compiled functions, fewer host round trips; an evaluation every half epoch gives the curves several points.
-TRAIN_SCRIPT = '''
+TINY_DIGITS = '''
 import sys
 from diffblocks_jax import config as config_lib, train
-for kind, workdir in zip(('dblock', 'vit'), sys.argv[1:]):
+
+def tiny_digits(kind, eval_every_epochs):
   config = config_lib.load_file('configs/testing.py:' + kind)
   config.data.source = 'digits'
   config.data.mean, config.data.std = (0.3,), (0.4,)
@@ -41,9 +42,13 @@ for kind, workdir in zip(('dblock', 'vit'), sys.argv[1:]):
   config.train.batch_size = 64
   config.train.steps_per_call = config.train.log_every_steps = 11
   config.train.checkpoint_every_steps = 10**6  # Only the final checkpoint.
-  config.train.eval_every_epochs = 0.5
+  config.train.eval_every_epochs = eval_every_epochs
   config.eval.batch_size = 120
-  train.train_and_evaluate(config, workdir)
+  return config
+'''
+TRAIN_SCRIPT = TINY_DIGITS + '''
+for kind, workdir in zip(('dblock', 'vit'), sys.argv[1:]):
+  train.train_and_evaluate(tiny_digits(kind, 0.5), workdir)
 '''
 
 
@@ -135,21 +140,9 @@ def test_notebooks_execute_and_draw(tmp_path):
 # A tiny ViT classifier (the quality figures' features) and a tiny DiffusionBlocks DiT scored with it, in one
 # process. The DiT's epoch counts scale by B (3 epochs, 66 steps); an evaluation every half epoch (6), each
 # drawing the class grid and eval.num_samples samples and scoring them.
-GENERATE_TRAIN_SCRIPT = '''
-import sys
-from diffblocks_jax import config as config_lib, train
+GENERATE_TRAIN_SCRIPT = TINY_DIGITS + '''
 classifier_workdir, dit_workdir = sys.argv[1:]
-config = config_lib.load_file('configs/testing.py:vit')
-config.data.source = 'digits'
-config.data.mean, config.data.std = (0.3,), (0.4,)
-config.model.patch_size = 2
-config.train.num_epochs = 1
-config.train.batch_size = 64
-config.train.steps_per_call = config.train.log_every_steps = 11
-config.train.checkpoint_every_steps = 10**6  # Only the final checkpoint.
-config.train.eval_every_epochs = 0.0  # Only at the end.
-config.eval.batch_size = 120
-train.train_and_evaluate(config, classifier_workdir)
+train.train_and_evaluate(tiny_digits('vit', 0.0), classifier_workdir)  # Evaluated only at the end.
 
 config = config_lib.load_file('configs/digits_dit_dblock.py')
 config.model.hidden_size, config.model.num_heads, config.model.num_layers = 16, 2, 3  # One layer per block.
