@@ -14,11 +14,15 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # --- data (SPEC §8) ---
   c.data = d = ml_collections.ConfigDict()
-  d.source = 'tfds'  # 'tfds' | 'digits' (scikit-learn, offline) | 'npz' | 'folder'.
+  d.source = 'tfds'  # Images: 'tfds' | 'digits' (scikit-learn, offline) | 'npz' | 'folder'. Text: 'text' (a UTF-8
+  # file at data.path, or the TFDS text dataset data.name when data.path is '') | 'pydoc' (CPython's bundled
+  # documentation text, ~465k characters, offline).
   d.name = 'cifar100'  # TFDS dataset name (any image-classification dataset with image/label features).
   d.tfds_data_dir = ''  # Folder holding prepared TFDS data ('' = TFDS default, ~/tensorflow_datasets).
   d.tfds_download = True  # Try download_and_prepare when the data is missing (False: fail at once, offline).
   d.split_seed = 0  # Seeds the digits 80/20 split and the folder source's training-file order.
+  d.validation_fraction = 0.0  # > 0: evaluate on this seeded, stratified share of TRAIN (train shrinks) and
+  # never load the test split (sources 'digits', 'npz', 'tfds'): for choosing settings (tools/noise_plan.py).
   d.label_key = 'label'  # Feature holding the class ('label' = CIFAR-100's fine labels).
   d.train_split = 'train'
   d.test_split = 'test'
@@ -34,10 +38,17 @@ def get_base_config() -> ml_collections.ConfigDict:
   d.randaugment = False  # torchvision RandAugment on the device (paper recipe).
   d.randaugment_num_ops = 2
   d.randaugment_magnitude = 9
+  # Text (sources 'text' and 'pydoc'):
+  d.vocab = 'char'  # 'char' (the corpus's characters, sorted) or 'byte' (UTF-8 bytes, 256 tokens).
+  d.seq_len = 128  # Tokens per training and held-out sequence (non-overlapping windows of the stream).
+  d.test_fraction = 0.1  # Held-out split: this contiguous tail of the stream (a file or 'pydoc'; TFDS: test_split).
+  d.text_key = 'text'  # TFDS feature holding the text (text8, lm1b: 'text').
 
   # --- model (SPEC §2, §3); image size, channels and classes come from the data ---
   c.model = m = ml_collections.ConfigDict()
-  m.kind = 'dblock'  # One of KINDS below: classification 'vit' | 'dblock', image generation 'dit' | 'dit_dblock'.
+  m.kind = 'dblock'  # One of KINDS below: classification 'vit' | 'dblock', image generation 'dit' | 'dit_dblock',
+  # language: masked diffusion 'mdm' | 'mdm_dblock', autoregressive 'ar' | 'ar_dblock' (the first of each pair is
+  # the end-to-end baseline).
   m.patch_size = 4
   m.hidden_size = 128
   m.num_layers = 12
@@ -51,7 +62,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.label_token = 'replace'  # 'replace' the CLS token with c_in*z_t (release) or 'concat' it (paper).
   m.independent_blocks = False  # Each block owns a copy of the shared parts (needed for parallel_blocks).
   m.compute_dtype = 'float32'  # 'float32' (parity) or 'bfloat16'; parameters and optimizer stay fp32.
-  m.mlp_ratio = 4  # DiT only: MLP width = mlp_ratio * hidden_size (mlp_dim is the ViT's).
+  m.mlp_ratio = 4  # DiT and language models: MLP width = mlp_ratio * hidden_size (mlp_dim is the ViT's).
 
   # --- diffusion (SPEC §4, §5, §7) ---
   c.diffusion = f = ml_collections.ConfigDict()
@@ -59,9 +70,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   f.sigma_max = 80.0
   f.p_mean = -1.2
   f.p_std = 1.2
+  f.noise_plan = 'release'  # 'release': P_mean as set | 'matched': P_mean = ln(sigma_max) - 3*p_std, so the
+  # sampler's first sigma lies in the training log-normal's bulk (diffusion.matched_p_mean; dblock only).
   f.sigma_data = 0.5
   f.overlap = 0.05  # gamma: each block's noise range widened by this fraction of its log-width per side.
   f.loss_weighting = 'batch_mean'  # 'batch_mean' = mean(w)*mean(ce) (release) | 'per_sample' = mean(w*ce).
+  f.max_loss_weight = 0.0  # Autoregressive DiffusionBlocks: clamp w(σ) at this value (0 = no clamp; public code: 20).
   f.class_dropout_prob = 0.0  # Guidance training: the condition (classification: the image; generation: the
   # class, replaced by the null class) is dropped for this share of a batch.
 
@@ -104,6 +118,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   e.num_samples = 0  # Samples scored per evaluation (0 = as many as test images), class-balanced.
   e.classifier_workdir = ''  # Workdir of a classifier trained here on the same data: eval/fd, eval/sample_accuracy.
   e.feature_fn = ''  # 'module:function' mapping float [0, 1] NHWC images to features: eval/fd_external (e.g. FID).
+  # Language models (model.kind 'mdm' | 'mdm_dblock' | 'ar' | 'ar_dblock'); eval.num_samples 0 = 64 samples:
+  e.elbo_draws = 4  # Masked diffusion: draws of t per held-out sequence and block for the bound (eval/bpc).
+  e.temperature = 1.0  # Sampling temperature of the final logits.
+  e.top_k = 0  # Sample among the k likeliest tokens (0 = all).
+  e.scorer_workdir = ''  # Workdir of an end-to-end 'ar' run on the same data: scores samples (eval/gen_ppl).
 
   # --- devices (sharding.py) ---
   c.mesh = ml_collections.ConfigDict()
@@ -123,7 +142,14 @@ KINDS = {
     'dblock': ('classification', True),
     'dit': ('generation', False),
     'dit_dblock': ('generation', True),
+    'mdm': ('masked_lm', False),
+    'mdm_dblock': ('masked_lm', True),
+    'ar': ('autoregressive', False),
+    'ar_dblock': ('autoregressive', True),
 }
+LANGUAGE_TASKS = ('masked_lm', 'autoregressive')  # Their data are token windows from TEXT_SOURCES.
+IMAGE_SOURCES = ('tfds', 'digits', 'npz', 'folder')  # data.source values (the loaders: data/input_pipeline.py).
+TEXT_SOURCES = ('text', 'pydoc')
 
 
 def task_name(config) -> str:
@@ -139,7 +165,8 @@ class ConfigError(ValueError):
 
 
 _CHOICES = {
-    'data.source': ('tfds', 'digits', 'npz', 'folder'),
+    'data.source': IMAGE_SOURCES + TEXT_SOURCES,
+    'data.vocab': ('char', 'byte'),
     'data.on_corrupt': ('error', 'skip'),
     'model.kind': tuple(KINDS),
     'eval.solver': ('euler', 'heun'),
@@ -147,6 +174,7 @@ _CHOICES = {
     'model.label_token': ('replace', 'concat'),
     'model.compute_dtype': ('float32', 'bfloat16'),
     'diffusion.loss_weighting': ('batch_mean', 'per_sample'),
+    'diffusion.noise_plan': ('release', 'matched'),
     'optim.schedule': ('constant_with_warmup', 'cosine_with_min_lr'),
 }
 
@@ -194,6 +222,7 @@ _RANGES = {
     'optim.warmup_epochs': (lambda v: v >= 0, '>= 0'),
     'optim.min_lr': (lambda v: v >= 0, '>= 0'),
     'data.pad_crop': (lambda v: v >= 0, '>= 0 (0 = off)'),
+    'data.validation_fraction': (lambda v: 0 <= v < 1, 'in [0, 1) (0 = evaluate on the test split)'),
     'train.batch_size': (lambda v: v >= 1, '>= 1'),
     'train.num_epochs': (lambda v: v >= 1, '>= 1'),
     'train.steps_per_call': (lambda v: v >= 1, '>= 1'),
@@ -205,6 +234,12 @@ _RANGES = {
     'eval.num_inference_steps': (lambda v: v >= 0, '>= 0 (0 = B)'),
     'eval.num_samples': (lambda v: v >= 0, ">= 0 (0 = the test split's size)"),
     'eval.cfg_scale': (lambda v: v >= 0, '>= 0 (1 = no guidance)'),
+    'eval.elbo_draws': (lambda v: v >= 1, '>= 1'),
+    'eval.temperature': (lambda v: v > 0, '> 0'),
+    'eval.top_k': (lambda v: v >= 0, '>= 0 (0 = all tokens)'),
+    'diffusion.max_loss_weight': (lambda v: v >= 0, '>= 0 (0 = no clamp)'),
+    'data.seq_len': (lambda v: v >= 2, '>= 2'),
+    'data.test_fraction': (lambda v: 0 < v < 1, 'in (0, 1)'),
 }
 
 
@@ -257,11 +292,23 @@ def validate(config, *, num_devices: int | None = None) -> None:
     errors.append(f'config.model.hidden_size={m.hidden_size} must be >= 6 (time embedding width hidden // 6)')
   if known_kind and uses_blocks(config) and valid('model.num_layers', 'model.num_blocks'):
     errors += _partition_errors(m)
+  if f.get('noise_plan', 'release') == 'matched' and known_kind and m.kind != 'dblock':
+    errors.append(f"config.diffusion.noise_plan='matched' is for model.kind='dblock' (it places the classifier's "
+                  f"first block; got {m.kind!r}): set config.diffusion.noise_plan='release'")
   if known_kind and task_name(config) == 'generation':
     if valid('model.hidden_size') and m.hidden_size % 4:
       errors.append(f'config.model.hidden_size={m.hidden_size} must be divisible by 4 (the DiT\'s 2-D sine-cosine '
                     'positions)')
   d = config.data
+  if known_kind:
+    text_task, text_data = task_name(config) in LANGUAGE_TASKS, d.source in TEXT_SOURCES
+    if text_task != text_data:
+      sources = TEXT_SOURCES if text_task else IMAGE_SOURCES
+      errors.append(f'config.model.kind={m.kind!r} needs {"text" if text_task else "image"} data: '
+                    f'config.data.source={d.source!r} must be one of {sources}')
+    if text_task and valid('model.hidden_size', 'model.num_heads') and (m.hidden_size // max(m.num_heads, 1)) % 2:
+      errors.append(f'config.model.hidden_size / config.model.num_heads = {m.hidden_size // m.num_heads} must be '
+                    'even (rotary positions rotate pairs of channels)')
   if d.get('random_resized_crop', False):
     if d.pad_crop:
       errors.append(f'config.data.random_resized_crop=True and config.data.pad_crop={d.pad_crop}: choose one '
@@ -293,8 +340,11 @@ def validate(config, *, num_devices: int | None = None) -> None:
     raise ConfigError('Invalid config:\n  ' + '\n  '.join(errors))
 
 
-def validate_data(config, *, image_size: int, channels: int) -> None:
-  """Checks that need the dataset's shapes (known only after loading its metadata)."""
+def validate_data(config, data) -> None:
+  """Checks that need the dataset's shapes (known only after loading it)."""
+  if not hasattr(data, 'image_size'):  # Text: the models take any vocabulary and length.
+    return
+  image_size, channels = data.image_size, data.channels
   if image_size % config.model.patch_size:
     raise ConfigError(f'image size {image_size} (from config.data) is not divisible by '
                       f'config.model.patch_size={config.model.patch_size}')

@@ -10,7 +10,7 @@ import os
 import jax
 from absl import logging
 
-from diffblocks_jax import sampling, sharding
+from diffblocks_jax import language, sampling, sharding
 from diffblocks_jax import config as config_lib
 from diffblocks_jax.data import input_pipeline
 from diffblocks_jax.experiment import Experiment, load_trained
@@ -42,6 +42,8 @@ def evaluate_params(exp: Experiment, params, **sampler_overrides) -> float:
 
 def make_evaluator(exp: Experiment, workdir: str):
   """(params, step) -> (metrics, log line) of the config's task, built (and its inputs checked) up front."""
+  if config_lib.task_name(exp.config) in config_lib.LANGUAGE_TASKS:
+    return language.make_evaluator(exp, workdir)
   if config_lib.task_name(exp.config) == 'classification':
     eval_fn = make_eval_fn(exp)
 
@@ -104,10 +106,13 @@ def evaluate(config, workdir: str) -> dict[str, float]:
 
 
 def sample(config, workdir: str, num_samples: int = 100) -> str:
-  """--mode=sample (image generation): the class grid and `num_samples` samples of the latest checkpoint."""
-  if config_lib.task_name(config) != 'generation':
-    raise config_lib.ConfigError(f'--mode=sample needs an image-generation config (model.kind dit or '
-                                 f'dit_dblock), not model.kind={config.model.kind!r}')
+  """--mode=sample: image generation writes the class grid and `num_samples` samples of the latest checkpoint;
+  language models print `num_samples` samples and write them to a text file."""
+  if config_lib.task_name(config) == 'classification':
+    raise config_lib.ConfigError(f'--mode=sample needs an image-generation or language config (model.kind dit, '
+                                 f'dit_dblock, mdm, mdm_dblock, ar, ar_dblock), not model.kind={config.model.kind!r}')
   exp, state = load_trained(config, workdir, config.eval.step)
+  if config_lib.task_name(config) in config_lib.LANGUAGE_TASKS:
+    return language.write_samples(exp, workdir, state.params, int(state.step), num_samples, config.seed)
   return sampling.write_samples(sampling.GenerationEvaluator(exp, workdir), state.params, int(state.step),
                                 num_samples, config.seed)

@@ -39,8 +39,7 @@ class Experiment:
 
   def _init(self) -> steps.TrainState:
     c, d = self.config, self.data
-    model = models.build(c.model, image_size=d.image_size, channels=d.channels, num_classes=d.num_classes,
-                         seed=c.seed, sigma_data=c.diffusion.sigma_data)
+    model = models.build(c.model, seed=c.seed, sigma_data=c.diffusion.sigma_data, **d.model_dims)
     return steps.init_state(models.split(model)[1], c.seed)
 
 
@@ -55,14 +54,14 @@ def build_experiment(config) -> Experiment:
 def experiment_from_data(config, data: input_pipeline.Dataset, mesh=None) -> Experiment:
   """The experiment for an already-loaded dataset (the benchmark passes synthetic data)."""
   config_lib.validate(config, num_devices=jax.device_count())
-  config_lib.validate_data(config, image_size=data.image_size, channels=data.channels)
+  config_lib.validate_data(config, data)
   mesh = mesh or sharding.make_mesh(config)
   num_blocks = config_lib.num_blocks(config)
   local_batch = config.train.batch_size // jax.process_count()
-  steps_per_epoch = len(data.train_images) // local_batch
+  steps_per_epoch = data.num_train // local_batch
   if steps_per_epoch < 1:
     raise config_lib.ConfigError(f'config.train.batch_size={config.train.batch_size} is larger than the '
-                                 f'{len(data.train_images)} training examples')
+                                 f'{data.num_train} training examples')
   # Block-parallel training updates every block each step: num_epochs of steps already give each block the
   # updates that B·num_epochs sequential epochs give it on average (SPEC §5.7).
   block_factor = num_blocks if (config_lib.uses_blocks(config) and config.train.scale_epochs_by_blocks
@@ -71,9 +70,8 @@ def experiment_from_data(config, data: input_pipeline.Dataset, mesh=None) -> Exp
   warmup_steps = round(config.optim.warmup_epochs * block_factor * steps_per_epoch)
   schedule = optim.make_schedule(config.optim, total_steps, warmup_steps)
   exp = Experiment(config, mesh, data, None, None, num_blocks, steps_per_epoch, total_steps, schedule)
-  abstract_model = nnx.eval_shape(lambda: models.build(
-      config.model, image_size=data.image_size, channels=data.channels, num_classes=data.num_classes,
-      sigma_data=config.diffusion.sigma_data))
+  abstract_model = nnx.eval_shape(lambda: models.build(config.model, sigma_data=config.diffusion.sigma_data,
+                                                       **data.model_dims))
   exp.graphdef = models.split(abstract_model)[0]
   abstract = jax.eval_shape(exp._init)
   shardings = sharding.state_shardings(mesh, abstract, offload=config.train.offload_idle_blocks)
@@ -82,10 +80,11 @@ def experiment_from_data(config, data: input_pipeline.Dataset, mesh=None) -> Exp
   return exp
 
 
-def put_train_split(exp: Experiment):
-  """(images, labels): this process's training shard as global arrays, rows sharded on 'data' (sharding.py)."""
-  return (sharding.put_rows(exp.mesh, exp.data.train_images),
-          sharding.put_rows(exp.mesh, exp.data.train_labels.astype(np.int32)))
+def put_train_split(exp: Experiment) -> tuple[jax.Array, ...]:
+  """This process's training shard (images and int32 labels, or token windows) as global arrays, rows sharded
+  on 'data' (sharding.py)."""
+  return tuple(sharding.put_rows(exp.mesh, a.astype(np.int32) if a.ndim == 1 else a)
+               for a in exp.data.train_arrays())
 
 
 def load_trained(config, workdir: str, step: int | None = None):

@@ -87,8 +87,8 @@ class Progress:
   shows '?'). Wall time between lines includes evaluations and checkpoints, so the ETA does too.
   """
 
-  def __init__(self, total_steps: int, batch_size: int, steps_per_epoch: int):
-    self.total, self.batch_size, self.steps_per_epoch = total_steps, batch_size, steps_per_epoch
+  def __init__(self, total_steps: int, batch_size: int, steps_per_epoch: int, unit: str = 'img'):
+    self.total, self.batch_size, self.steps_per_epoch, self.unit = total_steps, batch_size, steps_per_epoch, unit
     self._t0 = self._step0 = None
 
   def start(self, step: int) -> None:
@@ -110,7 +110,7 @@ class Progress:
     img_s = f'{rate * self.batch_size:,.0f}' if math.isfinite(rate) else '?'
     epochs = f'{_number(step / self.steps_per_epoch)}/{_number(self.total / self.steps_per_epoch)}'
     head = ' '.join(filter(None, [f'step {step}/{self.total} (epoch {epochs})', shown]))
-    return f'{head} | {img_s} img/s | ETA {format_duration(eta)}'
+    return f'{head} | {img_s} {self.unit}/s | ETA {format_duration(eta)}'
 
 
 def _number(x: float) -> str:
@@ -120,7 +120,7 @@ def _number(x: float) -> str:
 
 def end_summary(result: dict, *, workdir: str, total_steps: int, wall_s: float, start_step: int = 0,
                 batch_size: int | None = None, checkpoint_dir: str | None = None,
-                checkpoint_step: int | None = None) -> str:
+                checkpoint_step: int | None = None, unit: str = 'img') -> str:
   """What a finished (or stopped) run reached and where everything is, as a few lines for the log.
 
   `result` is train_and_evaluate's dict ('step', 'eval/...', 'train/...'); `wall_s` the wall time of this
@@ -128,7 +128,7 @@ def end_summary(result: dict, *, workdir: str, total_steps: int, wall_s: float, 
   """
   step = int(result.get('step', 0))
   head = f'Finished {step}/{total_steps} steps' if step >= total_steps else f'Stopped at step {step}/{total_steps}'
-  speed = f' ({(step - start_step) / wall_s * batch_size:,.0f} img/s)' if batch_size and wall_s > 0 else ''
+  speed = f' ({(step - start_step) / wall_s * batch_size:,.0f} {unit}/s)' if batch_size and wall_s > 0 else ''
   lines = [f'{head}; this session took {format_duration(wall_s)}{speed}.']
   evals = {k: v for k, v in result.items() if k.startswith('eval/')}
   if evals:
@@ -151,7 +151,8 @@ def end_summary(result: dict, *, workdir: str, total_steps: int, wall_s: float, 
 
 # How the summary names the metrics a reader looks for first (the rest keep their metrics.jsonl names).
 _METRIC_NAMES = {'eval/accuracy': 'accuracy (eval/accuracy)', 'eval/fd': 'FD (eval/fd)',
-                 'eval/sample_accuracy': 'sample accuracy (eval/sample_accuracy)'}
+                 'eval/sample_accuracy': 'sample accuracy (eval/sample_accuracy)',
+                 'eval/bpc': 'bits per character (eval/bpc)', 'eval/gen_ppl': 'sample perplexity (eval/gen_ppl)'}
 
 
 def resolve_path(path: str) -> str:

@@ -21,7 +21,6 @@ from absl import logging
 from diffblocks_jax import checkpointing, diffusion, evaluation, locking, reporting, sharding, tasks
 from diffblocks_jax import config as config_lib
 from diffblocks_jax.core import blocks, steps
-from diffblocks_jax.data import input_pipeline
 from diffblocks_jax.experiment import Experiment, build_experiment, put_train_split
 
 
@@ -30,23 +29,23 @@ def make_train_step(exp: Experiment, *, block: int | None = None):
   c = exp.config
   task = tasks.module(c)
   if c.parallel_blocks:
-    return steps.make_parallel_step(exp.graphdef, task.make_task(c, exp.data), task.partition(c), c.optim,
-                                    exp.schedule, condition_dropout=c.diffusion.class_dropout_prob)
+    return steps.make_parallel_step(exp.graphdef, task.make_task(c, exp.data), task.partition(c, exp.data),
+                                    c.optim, exp.schedule, condition_dropout=c.diffusion.class_dropout_prob)
   return task.make_train_step(exp.graphdef, c, exp.schedule, data=exp.data, block=block,
                               placement=blocks.Placement(host=c.train.offload_idle_blocks))
 
 
 def make_train_chunk(exp: Experiment, *, block: int | None = None, train_step=None):
-  """jit(state, images_u8, labels, num_steps) → (state, stacked metrics): `num_steps` steps in one call.
+  """jit(state, arrays, num_steps) → (state, stacked metrics): `num_steps` steps in one call.
 
-  `images_u8, labels` come from `put_train_split`. `block` fixes the trained block (benchmark); None draws
-  it every step. `train_step` replaces the step built from the config.
+  `arrays` come from `put_train_split` (images and labels, or token windows). `block` fixes the trained block
+  (benchmark); None draws it every step. `train_step` replaces the step built from the config.
   """
   config, mesh = exp.config, exp.mesh
   train_step = train_step or make_train_step(exp, block=block)
   train_batch = tasks.module(config).train_batch
   batch = config.train.batch_size
-  num_local = len(exp.data.train_labels)
+  num_local = exp.data.num_train
   num_padded = sharding.padded_rows(mesh, num_local)
   data_key = jax.random.fold_in(jax.random.key(config.seed), 0x5eed)
   # Block-parallel: each block its own data order and augmentation, one batch per block.
@@ -60,25 +59,26 @@ def make_train_chunk(exp: Experiment, *, block: int | None = None, train_step=No
     perm = jax.random.permutation(jax.random.fold_in(key, epoch), jax.process_count() * num_local)
     return sharding.global_rows(jax.lax.dynamic_slice(perm, (within * batch,), (batch,)), num_local, num_padded)
 
-  def body(state, images_u8, labels):
+  def body(state, arrays):
     rows = jnp.stack([batch_of(k, state.step) for k in data_keys])
-    images_b, labels_b = sharding.gather_rows(mesh, (images_u8, labels), rows if config.parallel_blocks
-                                              else rows[0])
-    augment = lambda key, x: input_pipeline.augment(jax.random.fold_in(jax.random.fold_in(key, 1), state.step),
-                                                    x, config.data)
+    gathered = sharding.gather_rows(mesh, arrays, rows if config.parallel_blocks else rows[0])
+    # The task turns gathered rows into (inputs, targets): images are augmented here, on the device.
+    prepare = lambda key, rows: train_batch(jax.random.fold_in(jax.random.fold_in(key, 1), state.step), rows,
+                                            config.data)
     if config.parallel_blocks:
-      x = jnp.stack([augment(k, images_b[b]) for b, k in enumerate(data_keys)])
+      per_block = [prepare(k, tuple(a[b] for a in gathered)) for b, k in enumerate(data_keys)]
+      inputs, targets = jax.tree.map(lambda *xs: jnp.stack(xs), *per_block)
     else:
-      x = augment(data_key, images_b)
-    x = jax.lax.with_sharding_constraint(x, sharding.batch_sharding(mesh))
-    return train_step(state, *train_batch(x, labels_b))
+      inputs, targets = prepare(data_key, gathered)
+    inputs, targets = jax.lax.with_sharding_constraint((inputs, targets), sharding.batch_sharding(mesh))
+    return train_step(state, inputs, targets)
 
-  def chunk(state, images_u8, labels, num_steps):
-    return jax.lax.scan(lambda s, _: body(s, images_u8, labels), state, None, length=num_steps)
+  def chunk(state, arrays, num_steps):
+    return jax.lax.scan(lambda s, _: body(s, arrays), state, None, length=num_steps)
 
   state_shardings = jax.tree.map(lambda a: a.sharding, exp.abstract_state)
   rows = sharding.split_sharding(mesh)
-  return jax.jit(chunk, static_argnums=3, donate_argnums=0, in_shardings=(state_shardings, rows, rows),
+  return jax.jit(chunk, static_argnums=2, donate_argnums=0, in_shardings=(state_shardings, rows),
                  out_shardings=(state_shardings, sharding.replicated(mesh)))
 
 
@@ -208,11 +208,12 @@ def _train_loop(config, workdir: str, lead: bool, stop: _StopFlag) -> dict[str, 
         logging.info('Already finished at step %d of %d: %s. Nothing to do (--config.train.num_epochs=N trains '
                      'further).', start, exp.total_steps, shown)
         return dict(finished[-1], step=start)
-  images, labels = put_train_split(exp)
+  arrays = put_train_split(exp)
   chunk_fn = make_train_chunk(exp)
   evaluator = evaluation.make_evaluator(exp, workdir)
   writer = reporting.MetricWriter(workdir, enabled=lead)
-  progress = reporting.Progress(exp.total_steps, config.train.batch_size, exp.steps_per_epoch)
+  unit = 'seq' if config_lib.task_name(config) in config_lib.LANGUAGE_TASKS else 'img'  # Examples per second.
+  progress = reporting.Progress(exp.total_steps, config.train.batch_size, exp.steps_per_epoch, unit)
   eval_every = max(1, round(config.train.eval_every_epochs * exp.steps_per_epoch)) \
       if config.train.eval_every_epochs > 0 else exp.total_steps
   step = first_step = int(state.step)
@@ -277,7 +278,7 @@ def _train_loop(config, workdir: str, lead: bool, stop: _StopFlag) -> dict[str, 
       if stop.everywhere():
         raise Preempted('SIGTERM')
       n = min(config.train.steps_per_call, exp.total_steps - step)
-      state, metrics = chunk_fn(state, images, labels, n)
+      state, metrics = chunk_fn(state, arrays, n)
       if step == first_step:
         progress.start(step)  # Throughput from here on: the first call's compile is not in it.
       if pending is not None:
@@ -323,7 +324,7 @@ def _train_loop(config, workdir: str, lead: bool, stop: _StopFlag) -> dict[str, 
     logging.info('%s', reporting.end_summary(result, workdir=workdir, total_steps=exp.total_steps,
                                              wall_s=time.perf_counter() - started, start_step=first_step,
                                              batch_size=config.train.batch_size, checkpoint_dir=ckpt.directory,
-                                             checkpoint_step=latest))
+                                             checkpoint_step=latest, unit=unit))
   return result
 
 

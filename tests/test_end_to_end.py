@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -89,7 +90,7 @@ def test_config_errors_name_the_field():
   config = config_lib.load_file(os.path.join(ROOT, 'configs', 'cifar100_dblock.py'))
   config.model.patch_size = 5
   with pytest.raises(config_lib.ConfigError, match='config.model.patch_size=5'):
-    config_lib.validate_data(config, image_size=32, channels=3)
+    config_lib.validate_data(config, types.SimpleNamespace(image_size=32, channels=3))
   config = config_lib.load_file(os.path.join(ROOT, 'configs', 'cifar100_dblock.py'))
   config.train.batch_size = 6
   with pytest.raises(config_lib.ConfigError, match='config.train.batch_size=6'):

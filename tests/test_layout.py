@@ -16,7 +16,7 @@ ALLOWED = {
     'core': {'core'},
     'data': {'data'},
     'models': {'models', 'core', 'diffusion'},
-    'tasks': {'tasks', 'core', 'diffusion', 'config'},
+    'tasks': {'tasks', 'core', 'diffusion', 'config', 'data'},  # A task makes its batches from the data's rows.
     'diffusion': set(),
     'config': set(),
     'sharding': {'config'},

@@ -60,13 +60,13 @@ def _train(config, data, num_steps: int):
   from diffblocks_jax import experiment, train  # pylint: disable=g-import-not-at-top
   exp = experiment.experiment_from_data(config, data)
   state = exp.init_state()
-  images, labels = experiment.put_train_split(exp)
+  arrays = experiment.put_train_split(exp)
   chunk = train.make_train_chunk(exp)
-  state, first = chunk(state, images, labels, num_steps // 2)
-  state, second = chunk(state, images, labels, num_steps - num_steps // 2)
+  state, first = chunk(state, arrays, num_steps // 2)
+  state, second = chunk(state, arrays, num_steps - num_steps // 2)
   losses = np.concatenate([np.asarray(first['loss']), np.asarray(second['loss'])])
   params = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(state.params)}
-  return losses, params, exp.mesh.size, images.sharding
+  return losses, params, exp.mesh.size, arrays[0].sharding
 
 
 def data_parallel_worker(out: str, kind: str) -> None:

@@ -48,13 +48,19 @@ def plan(partition, num_steps: int, grid: str = 'quantile') -> tuple[np.ndarray,
   return levels, np.array([partition.route_static(level) for level in levels], np.int32)
 
 
-def _guided_at(task, model, inputs, x, level, block, cfg_scale):
-  """`guided` for a traced block index: stacked blocks (or one block) slice it; a list of blocks switches."""
+def at_block(fn, model, block, *args):
+  """fn(model, block, *args) for a traced block index: stacked blocks (or one block) slice it; a list of
+  blocks switches, so that only the chosen block runs."""
   if model.num_blocks == 1 or getattr(model, 'stacked', False):
-    return guided(task, model, inputs, x, level, block, cfg_scale)
+    return fn(model, block, *args)
   graphdef, state = nnx.split(model)  # Branches get the model as state: they must not close over NNX objects.
-  branch = lambda b: lambda s, i, y, lv: guided(task, nnx.merge(graphdef, s), i, y, lv, b, cfg_scale)
-  return jax.lax.switch(block, [branch(b) for b in range(model.num_blocks)], state, inputs, x, level)
+  branch = lambda b: lambda s, *a: fn(nnx.merge(graphdef, s), b, *a)
+  return jax.lax.switch(block, [branch(b) for b in range(model.num_blocks)], state, *args)
+
+
+def _guided_at(task, model, inputs, x, level, block, cfg_scale):
+  """`guided` for a traced block index."""
+  return at_block(lambda m, b, i, y, lv: guided(task, m, i, y, lv, b, cfg_scale), model, block, inputs, x, level)
 
 
 def sample_loop(task, model, inputs, key: jax.Array, *, partition, num_steps: int, cfg_scale: float = 1.0,

@@ -49,3 +49,17 @@ class Dataset:
   @property
   def channels(self) -> int:
     return self.train_images.shape[-1]
+
+  # What the loop and the model builder ask of any dataset (images here, text in data/text.py).
+  @property
+  def num_train(self) -> int:
+    return len(self.train_images)
+
+  @property
+  def model_dims(self) -> dict[str, int]:
+    """The keyword arguments `models.build` takes from the data."""
+    return dict(image_size=self.image_size, channels=self.channels, num_classes=self.num_classes)
+
+  def train_arrays(self) -> tuple[np.ndarray, ...]:
+    """The training split as row-aligned arrays: what a step's batch is gathered from."""
+    return self.train_images, self.train_labels

@@ -22,19 +22,25 @@ import numpy as np
 from diffblocks_jax.data import crops, npz, tfds_preparation
 from diffblocks_jax.data.dataset import DataError, Dataset
 
-SOURCES = ('tfds', 'digits', 'npz', 'folder')
+SOURCES = ('tfds', 'digits', 'npz', 'folder')  # Images; text sources are data/text.py's.
+TEXT_SOURCES = ('text', 'pydoc')
 _NPZ_KEYS = ('x_train', 'y_train', 'x_test', 'y_test')
 _TFDS_CHUNK = 1024  # Examples per batched read from a TFDS data source.
 
 
-def load_dataset(data_config, *, process_index: int = 0, process_count: int = 1) -> Dataset:
+def load_dataset(data_config, *, process_index: int = 0, process_count: int = 1):
   """Loads both splits; each process keeps its contiguous 1/process_count of TRAIN (test stays whole).
+
+  Images give a `Dataset`; the text sources a `text.TextDataset` (token windows).
 
   Shards are equal-sized (the last `N % process_count` examples are dropped) so that every process runs the
   same number of steps per epoch; unequal counts would deadlock the collectives of a multi-host run.
   """
+  if data_config.source in TEXT_SOURCES:
+    from diffblocks_jax.data import text  # pylint: disable=g-import-not-at-top
+    return text.load_text(data_config, process_index=process_index, process_count=process_count)
   if data_config.source not in SOURCES:
-    raise DataError(f'config.data.source={data_config.source!r} is not one of {SOURCES}')
+    raise DataError(f'config.data.source={data_config.source!r} is not one of {SOURCES + TEXT_SOURCES}')
   if data_config.source == 'folder' and data_config.on_corrupt not in ('error', 'skip'):
     raise DataError(f"config.data.on_corrupt={data_config.on_corrupt!r} is not one of ('error', 'skip')")
   if not 0 <= process_index < process_count:
@@ -83,7 +89,7 @@ def _load_tfds(data_config, shard) -> Dataset:
   builder, num_classes = _tfds_builder(tfds, data_config)
   if not builder.is_prepared():
     tfds_preparation.prepare(builder, data_config)
-  splits = [data_config.train_split, data_config.test_split]
+  splits = _tfds_splits(builder, data_config)
   for field, split in zip(('train_split', 'test_split'), splits):
     if not builder.info.splits:  # Empty under tfds.testing.mock_data: nothing to check against.
       continue
@@ -103,6 +109,22 @@ def _load_tfds(data_config, shard) -> Dataset:
   train = _read_source(train_source, *_shard_bounds(len(train_source), shard), label_key)
   test = _read_source(test_source, 0, len(test_source), label_key)
   return Dataset(*train, *test, num_classes, name)
+
+
+def _tfds_splits(builder, data_config) -> list[str]:
+  """[train, test]; with `data.validation_fraction`, the train split's first share becomes the test split
+  (a slice: TFDS shuffles CIFAR's train split once, so its head is a fair sample) and the rest trains."""
+  train, fraction = data_config.train_split, data_config.get('validation_fraction', 0.0)
+  if not fraction:
+    return [train, data_config.test_split]
+  if '[' in train:
+    raise DataError(f'config.data.validation_fraction={fraction} carves its own slice of '
+                    f'config.data.train_split={train!r}; give a whole split')
+  if builder.info.splits and train in builder.info.splits:
+    k = max(1, round(fraction * builder.info.splits[train].num_examples))
+    return [f'{train}[{k}:]', f'{train}[:{k}]']
+  percent = max(1, round(100 * fraction))  # Split sizes unknown (mock data): whole percents.
+  return [f'{train}[{percent}%:]', f'{train}[:{percent}%]']
 
 
 def _tfds_builder(tfds, data_config):
@@ -163,8 +185,32 @@ def _load_digits(data_config, shard) -> Dataset:
   labels = digits.target.astype(np.int32)
   train_idx, test_idx = model_selection.train_test_split(
       np.arange(len(labels)), test_size=0.2, stratify=labels, random_state=data_config.get('split_seed', 0))
+  if data_config.get('validation_fraction', 0.0):  # The 360 test images stay unread from here on.
+    train_idx, test_idx = validation_split(labels[train_idx], data_config, indices=train_idx)
   train = _sharded(images[train_idx], labels[train_idx], shard)
-  return Dataset(*train, images[test_idx], labels[test_idx], 10, 'digits')
+  name = 'digits (validation)' if data_config.get('validation_fraction', 0.0) else 'digits'
+  return Dataset(*train, images[test_idx], labels[test_idx], 10, name)
+
+
+def validation_split(labels: np.ndarray, data_config, *, indices: np.ndarray | None = None):
+  """(train, validation) positions of a training split: a stratified share `data.validation_fraction`,
+  seeded by `data.split_seed`, so that settings are chosen without the test split. `indices` maps them."""
+  from sklearn import model_selection  # pylint: disable=g-import-not-at-top
+  fraction = float(data_config.validation_fraction)
+  if not 0 < fraction < 1:
+    raise DataError(f'config.data.validation_fraction={fraction} must lie in (0, 1) to carve a validation split')
+  counts = np.bincount(labels)
+  stratify = labels if counts[counts > 0].min() >= 2 else None  # A class of one example cannot be split.
+  try:
+    train, validation = model_selection.train_test_split(
+        np.arange(len(labels)), test_size=fraction, stratify=stratify,
+        random_state=data_config.get('split_seed', 0))
+  except ValueError as e:
+    raise DataError(f'config.data.validation_fraction={fraction} cannot split {len(labels)} training '
+                    f'examples: {e}') from e
+  if indices is not None:
+    train, validation = indices[train], indices[validation]
+  return np.sort(train), np.sort(validation)
 
 
 # ----------------------------------------------------------------------------------------------------- npz
@@ -179,6 +225,10 @@ def _load_npz(data_config, shard) -> Dataset:
   if missing:
     raise DataError(f'{where} lacks {missing} (it has {sorted(stored)}); it needs {_NPZ_KEYS}')
   arrays = {key: _npz_array(stored[key], key, path) for key in _NPZ_KEYS}
+  if data_config.get('validation_fraction', 0.0):  # Evaluate on a share of train; x_test/y_test go unused.
+    train_idx, val_idx = validation_split(arrays['y_train'], data_config)
+    x, y = arrays['x_train'], arrays['y_train']
+    arrays.update(x_train=x[train_idx], y_train=y[train_idx], x_test=x[val_idx], y_test=y[val_idx])
   for split in ('train', 'test'):
     x, y = arrays[f'x_{split}'], arrays[f'y_{split}']
     if not len(x):

@@ -1,8 +1,8 @@
 """Tasks: what is diffused and how it is scored. Each task module offers the same functions to the loop:
 
   make_task(config, data) -> task         the object the core's steps and sampler ask (target, loss, ...)
-  partition(config)                       the noise plan of its blocks
-  train_batch(images, labels)             -> (inputs, targets) of a training step
+  partition(config, data=None)            the noise plan of its blocks
+  train_batch(key, rows, data_config)     -> (inputs, targets) of a step from gathered training rows
   make_train_step(graphdef, config, schedule, *, data, block=None, placement=...)
 """
 
@@ -11,5 +11,7 @@ from diffblocks_jax import config as config_lib
 
 def module(config):
   """The task module of a config's model.kind (config.KINDS)."""
-  from diffblocks_jax.tasks import classification, generation  # pylint: disable=g-import-not-at-top
-  return {'classification': classification, 'generation': generation}[config_lib.task_name(config)]
+  # pylint: disable-next=g-import-not-at-top
+  from diffblocks_jax.tasks import autoregressive, classification, generation, masked_lm
+  return {'classification': classification, 'generation': generation, 'masked_lm': masked_lm,
+          'autoregressive': autoregressive}[config_lib.task_name(config)]

@@ -21,6 +21,7 @@ from flax import nnx
 from diffblocks_jax import config as config_lib
 from diffblocks_jax import diffusion
 from diffblocks_jax.core import blocks, sampler, steps
+from diffblocks_jax.data import input_pipeline
 
 
 def label_table(model, block) -> jax.Array:
@@ -86,13 +87,16 @@ def make_task(config, data=None) -> Classification:
   return Classification.from_config(config)
 
 
-def partition(config) -> diffusion.LogNormalPartition:
+def partition(config, data=None) -> diffusion.LogNormalPartition:
+  del data  # The EDM plan needs nothing from the data.
   return diffusion.LogNormalPartition.from_config(config_lib.num_blocks(config), config.diffusion)
 
 
-def train_batch(images, labels):
-  """(inputs, targets) of a step: the image conditions, the label is the target."""
-  return images, labels
+def train_batch(key, rows, data_config):
+  """(inputs, targets) of a step from gathered uint8 images and labels: the augmented image conditions, the
+  label is the target."""
+  images, labels = rows
+  return input_pipeline.augment(key, images, data_config), labels
 
 
 def make_train_step(graphdef, config, schedule, *, data=None, block: int | None = None,

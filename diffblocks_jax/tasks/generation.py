@@ -22,6 +22,7 @@ from scipy import linalg
 from diffblocks_jax import config as config_lib
 from diffblocks_jax import diffusion
 from diffblocks_jax.core import blocks, sampler, steps
+from diffblocks_jax.data import input_pipeline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,14 +84,17 @@ def make_task(config, data) -> Generation:
                                 image_shape=(data.image_size, data.image_size, data.channels))
 
 
-def partition(config) -> diffusion.LogNormalPartition:
+def partition(config, data=None) -> diffusion.LogNormalPartition:
   """B blocks for 'dit_dblock'; one block owning every σ for the end-to-end 'dit' (its sampler's routing)."""
+  del data  # The EDM plan needs nothing from the data.
   return diffusion.LogNormalPartition.from_config(config_lib.num_blocks(config), config.diffusion)
 
 
-def train_batch(images, labels):
-  """(inputs, targets) of a step: the class conditions, the image is the target."""
-  return labels, images
+def train_batch(key, rows, data_config):
+  """(inputs, targets) of a step from gathered uint8 images and labels: the class conditions, the image
+  (in [-1, 1] through data.mean = data.std = 0.5) is the target."""
+  images, labels = rows
+  return labels, input_pipeline.augment(key, images, data_config)
 
 
 def make_train_step(graphdef, config, schedule, *, data, block: int | None = None,

@@ -192,15 +192,14 @@ def _time_train(exp: experiment.Experiment, block: int | None, windows: int, num
   # other memory (offloaded blocks) is a kind of its own.
   kind = exp.config.model.kind + ('_offload' if exp.config.train.offload_idle_blocks else '')
   state = states.pop(kind) if kind in states else exp.init_state()
-  images = jax.device_put(exp.data.train_images)
-  labels = jax.device_put(exp.data.train_labels)
+  arrays = tuple(jax.device_put(a) for a in exp.data.train_arrays())
   start = time.perf_counter()
-  compiled = train.make_train_chunk(exp, block=block).lower(state, images, labels, num_steps).compile(options)
+  compiled = train.make_train_chunk(exp, block=block).lower(state, arrays, num_steps).compile(options)
   compile_s = time.perf_counter() - start
 
   def run_window():
     nonlocal state
-    state, metrics = compiled(state, images, labels)
+    state, metrics = compiled(state, arrays)
     return state, metrics
 
   times = window_times(run_window, windows)
@@ -210,10 +209,9 @@ def _time_train(exp: experiment.Experiment, block: int | None, windows: int, num
 
 def _compile_only(exp: experiment.Experiment, num_steps: int, options):
   """Compile time of the training chunk on abstract inputs (nothing runs): the program's cost in B."""
-  images = jax.ShapeDtypeStruct(exp.data.train_images.shape, jnp.uint8)
-  labels = jax.ShapeDtypeStruct(exp.data.train_labels.shape, jnp.int32)
+  arrays = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in exp.data.train_arrays())
   start = time.perf_counter()
-  compiled = train.make_train_chunk(exp).lower(exp.abstract_state, images, labels, num_steps).compile(options)
+  compiled = train.make_train_chunk(exp).lower(exp.abstract_state, arrays, num_steps).compile(options)
   return [float('nan')], time.perf_counter() - start, exp.config.train.batch_size, memory_fields(compiled)
 
 

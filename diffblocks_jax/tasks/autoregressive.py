@@ -1,0 +1,167 @@
+"""Autoregressive language modelling with DiffusionBlocks (paper §5.3, Table 4, App. B-C).
+
+The end-to-end baseline ('ar') is a plain Llama-style causal LM trained with next-token cross-entropy.
+Its DiffusionBlocks form ('ar_dblock') diffuses the NEXT token instead: the target of slot i is the
+L2-normalised embedding of x_i, corrupted with EDM's noise (σ from the equi-probability partition, B blocks,
+overlap γ), and the network reads [clean tokens | noisy slots] under the Block Diffusion mask with block size 1
+(models/text.py): slot i sees x_{<i} and itself. A block's output is logits over the vocabulary; its loss the
+cross-entropy weighted by w(σ) (clamped at diffusion.max_loss_weight when set); its estimate of the clean
+target x̂ = softmax(logits)·Ê, Ê the normalised embedding rows (classification's rule, per token).
+
+Sampling, per token: Euler over the blocks from σ_max, each step run by the block owning its σ, then a draw
+from the last step's logits (temperature, top-k).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from diffblocks_jax import config as config_lib
+from diffblocks_jax import diffusion
+from diffblocks_jax.core import blocks, sampler, steps
+from diffblocks_jax.tasks.masked_lm import sample_tokens
+
+
+def normalised_table(model, block) -> jax.Array:
+  """Ê: the token embedding rows of the outer parts that `block` runs between, L2-normalised (V, h)."""
+  table = model.outer(model.block(block)).embedding_table().astype(jnp.float32)
+  return table / jnp.linalg.norm(table, axis=-1, keepdims=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Autoregressive:
+  """What the core asks of a task, for 'ar_dblock': inputs are the clean windows (the context), targets the
+  same windows (slot i's clean target is x_i's normalised embedding)."""
+  sigma_data: float = 0.5
+  max_loss_weight: float = 0.0
+
+  @classmethod
+  def from_config(cls, config) -> Autoregressive:
+    return cls(float(config.diffusion.sigma_data), float(config.diffusion.max_loss_weight))
+
+  def target(self, model, tokens, block) -> jax.Array:
+    return normalised_table(model, block)[tokens.astype(jnp.int32)]
+
+  def denoise(self, model, tokens, z_t, sigmas, block, key):
+    return model.denoise(tokens.astype(jnp.int32), z_t, sigmas, block, key=key)
+
+  def weight(self, sigmas) -> jax.Array:
+    w = diffusion.loss_weight(sigmas, self.sigma_data)
+    return jnp.minimum(w, self.max_loss_weight) if self.max_loss_weight else w
+
+  def loss(self, logits, tokens, sigmas):
+    """w(σ)·cross-entropy per slot, averaged; aux: the plain cross-entropy (nats per token)."""
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens.astype(jnp.int32))
+    return jnp.mean(self.weight(sigmas)[:, None] * ce), {'ce': ce.mean()}
+
+  def estimate(self, model, logits, block) -> jax.Array:
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1) @ normalised_table(model, block)
+
+  def drop_condition(self, key, tokens, prob: float):
+    del key, prob
+    return tokens  # The context is never dropped.
+
+  def end_to_end_loss(self, model, inputs, tokens, key):
+    """The baseline: next-token cross-entropy of the plain causal LM."""
+    del inputs
+    ce = token_nll(model, tokens, key=key).mean()
+    return ce, {'ce': ce}
+
+
+def token_nll(model, tokens, *, key=None) -> jax.Array:
+  """(N, L) −log p(x_i | x_{<i}) in nats under an end-to-end 'ar' model."""
+  logits = model.logits(tokens.astype(jnp.int32), key=key).astype(jnp.float32)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, tokens.astype(jnp.int32))
+
+
+def ancestral(model, key: jax.Array, num: int, seq_len: int, *, temperature: float = 1.0,
+              top_k: int = 0) -> jax.Array:
+  """(num, seq_len) samples of an end-to-end 'ar' model, one token per forward pass."""
+
+  def position(tokens, i):
+    logits = jax.lax.dynamic_index_in_dim(model.logits(tokens), i, axis=1, keepdims=False)
+    return tokens.at[:, i].set(sample_tokens(jax.random.fold_in(key, i), logits, temperature, top_k)), None
+
+  tokens, _ = jax.lax.scan(position, jnp.zeros((num, seq_len), jnp.int32), jnp.arange(seq_len))
+  return tokens
+
+
+def denoise_tokens(task: Autoregressive, model, key: jax.Array, num: int, seq_len: int, *, partition,
+                   num_steps: int, grid: str = 'quantile', temperature: float = 1.0, top_k: int = 0) -> jax.Array:
+  """(num, seq_len) samples of an 'ar_dblock' model: per position i, slot i starts from the prior at σ_max and
+  takes `num_steps` Euler steps, step n run by the block that owns σ_n (`sampler.plan`, known when tracing);
+  x_i is drawn from the last step's logits. The other slots hold noise that slot i cannot see."""
+  levels, owners = sampler.plan(partition, num_steps, grid)
+  width = normalised_table(model, 0).shape[-1]
+
+  def position(tokens, i):
+    noise_key, draw_key = jax.random.split(jax.random.fold_in(key, i))
+    z = partition.prior(noise_key, (num, seq_len, width), float(levels[0]))
+    for n, block in enumerate(owners.tolist()):
+      logits = task.denoise(model, tokens, z, jnp.full((num,), levels[n], jnp.float32), block, None)
+      if n + 1 < num_steps:
+        z = partition.euler(z, task.estimate(model, logits, block), float(levels[n]), float(levels[n + 1]))
+    final = jax.lax.dynamic_index_in_dim(logits, i, axis=1, keepdims=False)
+    return tokens.at[:, i].set(sample_tokens(draw_key, final, temperature, top_k)), None
+
+  tokens, _ = jax.lax.scan(position, jnp.zeros((num, seq_len), jnp.int32), jnp.arange(seq_len))
+  return tokens
+
+
+def block_ce(task: Autoregressive, model, tokens, key, partition) -> jax.Array:
+  """(B,) held-out denoising cross-entropy of each block on σ drawn from its own range (nats per token)."""
+  out = []
+  for b in range(partition.num_blocks):
+    level_key, noise_key = jax.random.split(jax.random.fold_in(key, b))
+    sigmas, _ = partition.sample(level_key, tokens.shape[0], block=b)
+    z_t = partition.corrupt(noise_key, task.target(model, tokens, b), sigmas)
+    logits = task.denoise(model, tokens, z_t, sigmas, b, None).astype(jnp.float32)
+    out.append(optax.softmax_cross_entropy_with_integer_labels(logits, tokens.astype(jnp.int32)).mean())
+  return jnp.stack(out)
+
+
+# ----------------------------------------------------------------------------------- from a config
+
+def make_task(config, data=None) -> Autoregressive:
+  del data
+  return Autoregressive.from_config(config)
+
+
+def partition(config, data=None) -> diffusion.LogNormalPartition:
+  del data
+  return diffusion.LogNormalPartition.from_config(config_lib.num_blocks(config), config.diffusion)
+
+
+def train_batch(key, rows, data_config):
+  """(inputs, targets) of a step from gathered token windows: the window is both the context and the target."""
+  del key, data_config
+  (tokens,) = rows
+  tokens = tokens.astype(jnp.int32)
+  return tokens, tokens
+
+
+def make_train_step(graphdef, config, schedule, *, data, block: int | None = None,
+                    placement: blocks.Placement = blocks.ON_DEVICE):
+  task = make_task(config, data)
+  if not config_lib.uses_blocks(config):
+    return steps.make_end_to_end_step(graphdef, task, config.optim, schedule)
+  return steps.make_block_step(graphdef, task, partition(config), config.optim, schedule, block=block,
+                               placement=placement)
+
+
+def make_sample_fn(graphdef, config, data):
+  """`sample(params, key, num) -> (num, L)` tokens (`num` static): ancestral for 'ar', per-token Euler over the
+  blocks for 'ar_dblock'."""
+  e = config.eval
+  options = dict(temperature=e.temperature, top_k=e.top_k)
+  if not config_lib.uses_blocks(config):
+    return lambda params, key, num: ancestral(nnx.merge(graphdef, params), key, num, data.seq_len, **options)
+  task, plan = make_task(config), partition(config)
+  num_steps = e.num_inference_steps or config_lib.num_blocks(config)
+  return lambda params, key, num: denoise_tokens(task, nnx.merge(graphdef, params), key, num, data.seq_len,
+                                                 partition=plan, num_steps=num_steps, grid=e.sigma_grid, **options)

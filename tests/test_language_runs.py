@@ -1,0 +1,119 @@
+"""One run of each text config end to end (shrunk: a small slice of the CPython corpus as a file, tiny models):
+train, evaluate, resume, sample; and the language settings' errors (tasks/, language.py, configs/text_*)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from diffblocks_jax import config as config_lib
+from diffblocks_jax import reporting
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def corpus_file(tmp_path) -> tuple[str, float]:
+  """(path, bits of a uniform guess): the first 24k characters of the CPython corpus as a UTF-8 file. With 5 %
+  held out and windows of 16: 1,425 training windows, 11 steps of 128 per epoch."""
+  from diffblocks_jax.data import text  # pylint: disable=g-import-not-at-top
+  path = tmp_path / 'corpus.txt'
+  corpus = text.pydoc_text()[:24_000]
+  path.write_text(corpus, encoding='utf-8')
+  return str(path), float(np.log2(len(set(corpus))))
+
+
+def shrunk(name: str, corpus: str, **fields):
+  config = config_lib.load_file(os.path.join(ROOT, 'configs', name))
+  config.data.source, config.data.path, config.data.seq_len = 'text', corpus, 16
+  config.data.test_fraction = 0.05
+  m = config.model
+  m.hidden_size, m.num_heads, m.num_layers = 16, 2, m.num_blocks if m.kind.endswith('_dblock') else 2
+  config.train.batch_size, config.train.num_epochs = 128, 1
+  config.train.steps_per_call, config.train.log_every_steps, config.train.checkpoint_every_steps = 5, 5, 10
+  config.train.eval_every_epochs = 0.0
+  config.eval.num_samples, config.eval.num_inference_steps, config.eval.elbo_draws = 4, 0, 1
+  for field, value in fields.items():
+    section, key = field.split('__')
+    config[section][key] = value
+  return config
+
+
+@pytest.mark.slow
+def test_masked_configs_train_evaluate_and_resume(tmp_path):
+  from diffblocks_jax import evaluation, train  # pylint: disable=g-import-not-at-top
+  corpus, uniform = corpus_file(tmp_path)
+  results = {}
+  for name in ('text_mdm.py', 'text_mdm_dblock.py', 'text8_mdm_dblock.py'):
+    workdir = str(tmp_path / name)
+    config = shrunk(name, corpus)
+    results[name] = train.train_and_evaluate(config, workdir)
+    blocks = config_lib.num_blocks(config)
+    assert results[name]['step'] == 11 * blocks  # One epoch, x B for DiffusionBlocks.
+    terms = [results[name][f'eval/bpc_block{b}'] for b in range(blocks)] if blocks > 1 else []
+    if terms:  # The per-block terms are the bound's pieces: they add up to it.
+      assert sum(terms) == pytest.approx(results[name]['eval/bpc'], rel=1e-5)
+    # The untrained bound is a uniform guess (test_language); a few steps already beat it.
+    assert 0 < results[name]['eval/bpc'] < uniform
+    assert os.path.getsize(os.path.join(workdir, 'samples', f'step_{11 * blocks}.txt')) > 0
+  config = shrunk('text_mdm_dblock.py', corpus, train__num_epochs=2)
+  workdir = str(tmp_path / 'text_mdm_dblock.py')
+  assert train.train_and_evaluate(config, workdir)['step'] == 66  # Resumed at 33, not restarted.
+  logged = [r['step'] for r in reporting.read_metrics(workdir) if 'train/loss' in r]
+  assert logged == sorted(set(logged))
+  evaluated = evaluation.evaluate(config, workdir)
+  assert evaluated['step'] == 66 and evaluated['eval/bpc'] > 0
+
+
+@pytest.mark.slow
+def test_autoregressive_configs_train_score_and_sample(tmp_path):
+  """'ar' first (the scorer), then 'ar_dblock' scored by it; --mode=sample through the CLI prints samples."""
+  from diffblocks_jax import train  # pylint: disable=g-import-not-at-top
+  corpus, uniform = corpus_file(tmp_path)
+  scorer = str(tmp_path / 'ar')
+  baseline = train.train_and_evaluate(shrunk('text_ar.py', corpus), scorer)
+  assert baseline['step'] == 11 and 0 < baseline['eval/bpc'] < uniform
+  assert baseline['eval/gen_ppl'] > 1 and baseline['eval/sample_entropy'] > 0
+  workdir = str(tmp_path / 'ar_dblock')
+  result = train.train_and_evaluate(shrunk('text_ar_dblock.py', corpus, eval__scorer_workdir=scorer), workdir)
+  assert result['step'] == 44
+  assert result['eval/gen_ppl'] > 1 and result['eval/sample_entropy'] > 0
+  assert all(result[f'eval/ce_block{b}'] >= 0 for b in range(4)) and 'eval/bpc' not in result
+  out = subprocess.run([sys.executable, '-m', 'diffblocks_jax.main', f'--workdir={workdir}', '--mode=sample',
+                        '--num_samples=3'], capture_output=True, text=True, cwd=ROOT, check=False, timeout=1800)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.count('-' * 40) == 3
+  assert os.path.exists(os.path.join(workdir, 'samples', 'sample_44.txt'))
+
+
+def test_language_settings_errors_name_the_field(tmp_path):
+  config = config_lib.load_file(os.path.join(ROOT, 'configs', 'text_ar_dblock.py'))
+  config.data.source, config.data.seq_len, config.eval.temperature = 'digits', 1, 0.0
+  config.model.hidden_size, config.model.num_heads = 12, 4  # Head width 3: odd.
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(config)
+  for field in ("config.data.source='digits'", 'config.data.seq_len=1', 'config.eval.temperature=0.0',
+                'must be even'):
+    assert field in str(e.value), str(e.value)
+  image = config_lib.load_file(os.path.join(ROOT, 'configs', 'digits_vit.py'))
+  image.data.source = 'pydoc'
+  with pytest.raises(config_lib.ConfigError, match="needs image data"):
+    config_lib.validate(image)
+  # The scorer must be an end-to-end 'ar' run on the same data.
+  from diffblocks_jax import language  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_file(os.path.join(ROOT, 'configs', 'text_ar_dblock.py'))
+  config.eval.scorer_workdir = str(tmp_path / 'missing')
+  with pytest.raises(config_lib.ConfigError, match=r'config.eval.scorer_workdir=.*missing'):
+    language.load_scorer(types.SimpleNamespace(config=config))
+  for kind, seq_len, match in (('mdm', 64, "holds a 'mdm' run"), ('ar', 32, 'other data')):
+    other = config_lib.load_file(os.path.join(ROOT, 'configs', 'text_ar.py'))
+    other.model.kind, other.data.seq_len = kind, seq_len
+    os.makedirs(tmp_path / kind, exist_ok=True)
+    (tmp_path / kind / 'config.json').write_text(other.to_json())
+    config.eval.scorer_workdir = str(tmp_path / kind)
+    with pytest.raises(config_lib.ConfigError, match=match):
+      language.load_scorer(types.SimpleNamespace(config=config))
