@@ -21,6 +21,7 @@ def text_ar_base(kind: str):
   config.diffusion.overlap = 0.1
   config.diffusion.max_loss_weight = 20.0  # w(σ) reaches 10⁵ at σ_min; public attempts clamp it at 20.
   config.eval.scorer_workdir = 'workdirs/text_ar'
+  config.train.num_epochs = 4  # x B = 16 for DiffusionBlocks, whose sequences are twice as long ([clean | noisy]).
   return config
 
 

@@ -22,19 +22,19 @@ def text_base(kind: str):
   config.model.num_heads = 4
   config.model.num_layers = 6
   config.model.num_blocks = 3
-  config.model.mlp_ratio = 4
+  config.model.mlp_ratio = 8 / 3  # SwiGLU's three matrices: Llama's width, the parameters of a 4x GELU MLP.
   config.model.dropout = 0.0
   config.model.attention_dropout = 0.0
-  config.optim.lr = 1e-3
+  config.optim.lr = 2e-3
   config.optim.weight_decay = 0.03  # Paper (text8).
   config.optim.schedule = 'cosine_with_min_lr'
   config.optim.warmup_epochs = 0.25
   config.train.batch_size = 32
-  config.train.num_epochs = 2
+  config.train.num_epochs = 6  # x B for DiffusionBlocks: equal layer-updates.
   config.train.steps_per_call = 20
   config.train.log_every_steps = 100
   config.train.checkpoint_every_steps = 500
-  config.train.eval_every_epochs = 1.0
+  config.train.eval_every_epochs = 2.0
   config.eval.batch_size = 128
   config.eval.num_samples = 16
   return config

@@ -138,7 +138,7 @@ class LanguageEvaluator:
       if len(terms) > 1:
         metrics.update({f'eval/bpc_block{b}': float(v * BITS_PER_NAT) for b, v in enumerate(terms)})
     elif config_lib.uses_blocks(c):
-      ce = _mean_over_rows(lambda x, i: self._block_ce(params, x, jax.random.fold_in(key, i))[None], test, batch)
+      ce = _mean_over_rows(lambda x, i: self._block_ce(params, x, jax.random.fold_in(key, i)), test, batch)
       metrics.update({f'eval/ce_block{b}': float(v) for b, v in enumerate(ce)})
     else:
       metrics['eval/bpc'] = self.scorer.mean_nll(test, batch, params) * BITS_PER_NAT

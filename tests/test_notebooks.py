@@ -21,7 +21,7 @@ from conftest import HANG_GUARD_S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = {name: os.path.join(ROOT, 'notebooks', f'{name}.ipynb')
-             for name in ('evaluate', 'generate', 'training_curves')}
+             for name in ('evaluate', 'generate', 'language', 'training_curves')}
 CELL_TIMEOUT_S = HANG_GUARD_S
 # At this size a CPU spends its time compiling; cheaper LLVM settings roughly halve that (numerics don't matter).
 FAST_ENV = {'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '2',
@@ -178,6 +178,53 @@ def test_generate_notebook_executes_and_draws(tmp_path):
                   r'N=2: accuracy [0-9.]+, FD [0-9.]+', r'N=4: accuracy [0-9.]+', r'block 2: steps '):
     assert re.search(pattern, text(nb)), (pattern, text(nb))
   assert f'last evaluation (step {evaluated[-1]})' in text(nb), text(nb)  # The curves read the run's metrics.
+
+
+# Two tiny masked-diffusion runs on the first 12k characters of the CPython corpus, in one process: 675 training
+# windows of 16 (5 steps of 128 per epoch; x B = 3 for DiffusionBlocks, a layer per block), 75 held out; an
+# evaluation every half epoch (the bound, its per-block terms, 2 samples).
+LANGUAGE_TRAIN_SCRIPT = '''
+import sys
+from diffblocks_jax import config as config_lib, train
+from diffblocks_jax.data import text
+
+corpus, workdirs = sys.argv[1], sys.argv[2:]
+with open(corpus, 'w', encoding='utf-8') as f:
+  f.write(text.pydoc_text()[:12_000])
+for name, workdir in zip(('text_mdm', 'text_mdm_dblock'), workdirs):
+  config = config_lib.load_file(f'configs/{name}.py')
+  config.data.source, config.data.path, config.data.seq_len, config.data.test_fraction = 'text', corpus, 16, 0.1
+  config.model.hidden_size, config.model.num_heads, config.model.num_layers = 16, 2, 3
+  config.train.batch_size, config.train.num_epochs, config.train.eval_every_epochs = 128, 1, 0.5
+  config.train.steps_per_call = config.train.log_every_steps = 1
+  config.train.checkpoint_every_steps = 10**6  # Only the final checkpoint.
+  config.eval.num_samples, config.eval.elbo_draws = 2, 1
+  train.train_and_evaluate(config, workdir)
+'''
+
+
+@pytest.mark.slow
+def test_language_notebook(tmp_path):
+  env = with_cache({**os.environ, **FAST_ENV}, str(tmp_path / 'xla_cache'))
+  mdm, dblock = str(tmp_path / 'text_mdm'), str(tmp_path / 'text_mdm_dblock')
+  check_process([sys.executable, '-c', LANGUAGE_TRAIN_SCRIPT, str(tmp_path / 'corpus.txt'), mdm, dblock],
+                str(tmp_path / 'train.log'), env, timeout=HANG_GUARD_S)
+  logged = {w: [r for r in reporting.read_metrics(w) if 'eval/bpc' in r][-1] for w in (mdm, dblock)}
+  assert 'eval/bpc_block2' in logged[dblock], logged
+
+  # The samples' batch (2) is the run's own: the sampler's compile comes from the cache.
+  nb = execute('language', env, DIFFBLOCKS_WORKDIRS=f'{mdm},{dblock}', DIFFBLOCKS_T_POINTS='6',
+               DIFFBLOCKS_HELDOUT='16', DIFFBLOCKS_NUM_SAMPLES='2')
+  assert all(cell.execution_count for cell in nb.cells if cell.cell_type == 'code'), text(nb)
+  assert num_figures(nb) >= 3, text(nb)  # The bound across t, the per-block terms, the training curves.
+  for workdir, name in ((mdm, 'text_mdm'), (dblock, 'text_mdm_dblock')):
+    # The curve's area over 6 values of t, and the legend's eval/bpc as logged.
+    assert re.search(rf'{name} \([a-z_]+\): area under the curve [0-9.]+ bits per character \(6 points, 16 held-out '
+                     rf'windows\); eval/bpc logged {logged[workdir]["eval/bpc"]:.4f}', text(nb)), text(nb)
+    assert re.search(rf'{name} \([a-z_]+\): 2 samples, mean entropy [0-9.]+ bits', text(nb)), text(nb)
+  terms = ', '.join(f'block {b} {logged[dblock][f"eval/bpc_block{b}"]:.4f}' for b in range(3))
+  assert f'text_mdm_dblock (mdm_dblock) (logged, bits per character): {terms}' in text(nb), text(nb)
+  assert re.search(r'text_mdm \(mdm\) \(from its curve, bits per character\): block 0 [0-9.]+', text(nb)), text(nb)
 
 
 @pytest.mark.parametrize('name', sorted(NOTEBOOKS))

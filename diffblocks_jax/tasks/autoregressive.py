@@ -114,15 +114,16 @@ def denoise_tokens(task: Autoregressive, model, key: jax.Array, num: int, seq_le
 
 
 def block_ce(task: Autoregressive, model, tokens, key, partition) -> jax.Array:
-  """(B,) held-out denoising cross-entropy of each block on σ drawn from its own range (nats per token)."""
+  """(N, B) denoising cross-entropy of each sequence under each block, on σ drawn from the block's own range
+  (nats per token)."""
   out = []
   for b in range(partition.num_blocks):
     level_key, noise_key = jax.random.split(jax.random.fold_in(key, b))
     sigmas, _ = partition.sample(level_key, tokens.shape[0], block=b)
     z_t = partition.corrupt(noise_key, task.target(model, tokens, b), sigmas)
     logits = task.denoise(model, tokens, z_t, sigmas, b, None).astype(jnp.float32)
-    out.append(optax.softmax_cross_entropy_with_integer_labels(logits, tokens.astype(jnp.int32)).mean())
-  return jnp.stack(out)
+    out.append(optax.softmax_cross_entropy_with_integer_labels(logits, tokens.astype(jnp.int32)).mean(-1))
+  return jnp.stack(out, axis=1)
 
 
 # ----------------------------------------------------------------------------------- from a config

@@ -16,7 +16,6 @@ Sampling unmasks over N steps from t = 1 to 0; each step runs the block that own
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -193,6 +192,20 @@ def make_bound_fn(graphdef, config, data):
   return bound
 
 
+def make_integrand_fn(graphdef, config, data):
+  """`integrand(params, tokens, t, key) -> (N,)` nats per token of the bound's integrand at one t (a Python
+  float), run by the block that owns t: the bound across t, slice by slice (notebooks/language.ipynb)."""
+  task, plan = make_task(config, data), partition(config, data)
+
+  def integrand(params, tokens, t: float, key):
+    model, block = nnx.merge(graphdef, params), plan.route_static(t)
+    ts = jnp.full((tokens.shape[0],), t, jnp.float32)
+    x_t = task.corrupt(key, tokens, ts)
+    return bound_integrand(task.denoise(model, None, x_t, ts, block, None), tokens.astype(jnp.int32), ts)
+
+  return integrand
+
+
 def make_sample_fn(graphdef, config, data):
   """`sample(params, key, num) -> (num, L)` tokens (`num` static)."""
   task, plan = make_task(config, data), partition(config, data)
@@ -205,5 +218,3 @@ def make_sample_fn(graphdef, config, data):
 
   return sample
 
-
-BITS_PER_NAT = 1.0 / math.log(2.0)
