@@ -62,7 +62,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.label_token = 'replace'  # 'replace' the CLS token with c_in*z_t (release) or 'concat' it (paper).
   m.independent_blocks = False  # Each block owns a copy of the shared parts (needed for parallel_blocks).
   m.compute_dtype = 'float32'  # 'float32' (parity) or 'bfloat16'; parameters and optimizer stay fp32.
-  m.mlp_ratio = 4  # DiT and language models: MLP width = mlp_ratio * hidden_size (mlp_dim is the ViT's).
+  m.mlp_ratio = 4.0  # DiT and language models: MLP width = mlp_ratio * hidden_size (mlp_dim is the ViT's).
 
   # --- diffusion (SPEC §4, §5, §7) ---
   c.diffusion = f = ml_collections.ConfigDict()
@@ -71,7 +71,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   f.p_mean = -1.2
   f.p_std = 1.2
   f.noise_plan = 'release'  # 'release': P_mean as set | 'matched': P_mean = ln(sigma_max) - 3*p_std, so the
-  # sampler's first sigma lies in the training log-normal's bulk (diffusion.matched_p_mean; dblock only).
+  # sampler's first sigma lies in the training log-normal's bulk (diffusion.matched_p_mean; dblock, ar_dblock).
   f.sigma_data = 0.5
   f.overlap = 0.05  # gamma: each block's noise range widened by this fraction of its log-width per side.
   f.loss_weighting = 'batch_mean'  # 'batch_mean' = mean(w)*mean(ce) (release) | 'per_sample' = mean(w*ce).
@@ -180,9 +180,9 @@ _CHOICES = {
 
 
 def _get(config, dotted: str):
-  for part in dotted.split('.'):
-    config = config[part]
-  return config
+  """A field's value; a field a saved config.json predates holds its default."""
+  section, name = dotted.split('.')
+  return config[section][name] if name in config[section] else get_base_config()[section][name]
 
 
 def num_blocks(config) -> int:
@@ -276,8 +276,9 @@ def validate(config, *, num_devices: int | None = None) -> None:
   """Names every impossible setting before anything is loaded or compiled (raises ConfigError)."""
   errors = []
   for field, allowed in _CHOICES.items():
-    if _get(config, field) not in allowed:
-      errors.append(f'config.{field}={_get(config, field)!r} is not one of {allowed}')
+    value = _get(config, field)
+    if value not in allowed:
+      errors.append(f'config.{field}={value!r} is not one of {allowed}')
   out_of_range = _range_errors(config)
   errors += out_of_range.values()
   # The checks below combine fields: each runs only when the fields it reads are in range and known.
@@ -292,14 +293,17 @@ def validate(config, *, num_devices: int | None = None) -> None:
     errors.append(f'config.model.hidden_size={m.hidden_size} must be >= 6 (time embedding width hidden // 6)')
   if known_kind and uses_blocks(config) and valid('model.num_layers', 'model.num_blocks'):
     errors += _partition_errors(m)
-  if f.get('noise_plan', 'release') == 'matched' and known_kind and m.kind != 'dblock':
-    errors.append(f"config.diffusion.noise_plan='matched' is for model.kind='dblock' (it places the classifier's "
-                  f"first block; got {m.kind!r}): set config.diffusion.noise_plan='release'")
+  if f.get('noise_plan', 'release') == 'matched' and known_kind and m.kind not in ('dblock', 'ar_dblock'):
+    errors.append(f"config.diffusion.noise_plan='matched' is for the diffused embeddings of model.kind 'dblock' "
+                  f"(labels) and 'ar_dblock' (tokens), got {m.kind!r}: set config.diffusion.noise_plan='release'")
   if known_kind and task_name(config) == 'generation':
     if valid('model.hidden_size') and m.hidden_size % 4:
       errors.append(f'config.model.hidden_size={m.hidden_size} must be divisible by 4 (the DiT\'s 2-D sine-cosine '
                     'positions)')
   d = config.data
+  if d.get('validation_fraction', 0.0) and d.source not in ('digits', 'npz', 'tfds'):
+    errors.append(f'config.data.validation_fraction={d.validation_fraction} needs config.data.source digits, npz '
+                  f'or tfds (got {d.source!r}, which would evaluate on its test split)')
   if known_kind:
     text_task, text_data = task_name(config) in LANGUAGE_TASKS, d.source in TEXT_SOURCES
     if text_task != text_data:

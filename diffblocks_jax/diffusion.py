@@ -26,7 +26,9 @@ class EDM:
 
   @classmethod
   def from_config(cls, diffusion_config) -> EDM:
-    return cls(**{f.name: float(diffusion_config[f.name]) for f in dataclasses.fields(cls)})
+    """The config's EDM with its noise plan resolved (`resolve_noise_plan`: 'matched' sets P_mean)."""
+    edm = cls(**{f.name: float(diffusion_config[f.name]) for f in dataclasses.fields(cls)})
+    return resolve_noise_plan(edm, diffusion_config.get('noise_plan', 'release'))
 
   def cdf(self, sigma):
     """Φ((ln σ − P_mean)/P_std): the log-normal's CDF, in which blocks get equal probability mass."""
@@ -269,6 +271,45 @@ def noise_plan(num_blocks: int, num_steps: int, edm: EDM = DEFAULT_EDM,
 
 
 def noise_plan_for(config, num_blocks: int) -> list[str]:
-  """`noise_plan` with a config's noise settings and sampler steps."""
-  return noise_plan(num_blocks, config.eval.num_inference_steps or num_blocks,
-                    EDM.from_config(config.diffusion), config.diffusion.overlap)
+  """`noise_plan` with a config's noise settings and sampler steps; a resolved noise plan says so first."""
+  edm = EDM.from_config(config.diffusion)
+  lines = noise_plan(num_blocks, config.eval.num_inference_steps or num_blocks, edm, config.diffusion.overlap)
+  plan = config.diffusion.get('noise_plan', 'release')
+  if plan != 'release':
+    lines.insert(0, f"noise plan {plan!r}: P_mean {edm.p_mean:.4f} (config.diffusion.p_mean "
+                 f"{config.diffusion.p_mean} unused); σ_max = {edm.sigma_max:g} lies "
+                 f"{(math.log(edm.sigma_max) - edm.p_mean) / edm.p_std:.2f} P_std above P_mean")
+  return lines
+
+
+# ------------------------------------------------------------------------------------- noise plans
+# The release's P_mean (−1.2, EDM's image value) leaves block 0 trained where the sampler never calls it: the
+# sampler calls block 0 once, at σ_max, for every B, N and σ grid, but σ_max = 80 lies 4.65 P_std above
+# P_mean, where the training log-normal has 2e-6 of its mass. Block 0 then learns from draws whose noisy label
+# still shows the class (median σ ≈ 0.8) and reads z_t instead of the image (README, "Beyond the paper").
+
+NOISE_PLANS = ('release', 'matched')
+MATCHED_REACH = 3.0  # 'matched': σ_max sits this many P_std above P_mean (the three-sigma bulk; tail 0.135 %).
+
+
+def matched_p_mean(sigma_max: float = DEFAULT_EDM.sigma_max, p_std: float = DEFAULT_EDM.p_std,
+                   reach: float = MATCHED_REACH) -> float:
+  """The P_mean that puts the sampler's first σ inside the training log-normal's bulk.
+
+  Criterion: (ln σ_max − P_mean) / P_std = reach, i.e. the log-normal gives σ ≥ σ_max the probability
+  1 − Φ(reach) (0.135 % at 3), a σ it draws rather than one it never sees. Since the sampler's first σ is
+  σ_max whatever B and N are, so is the answer: ln 80 − 3·1.2 = 0.7821 for the EDM defaults.
+  """
+  if not (sigma_max > 0 and p_std > 0 and math.isfinite(reach)):
+    raise ValueError(f'matched_p_mean needs sigma_max > 0, p_std > 0, a finite reach; got {sigma_max}, '
+                     f'{p_std}, {reach}')
+  return math.log(sigma_max) - reach * p_std
+
+
+def resolve_noise_plan(edm: EDM, plan: str = 'release') -> EDM:
+  """'release': the configured P_mean; 'matched': `matched_p_mean` (P_std, σ_min, σ_max unchanged)."""
+  if plan == 'release':
+    return edm
+  if plan == 'matched':
+    return dataclasses.replace(edm, p_mean=matched_p_mean(edm.sigma_max, edm.p_std))
+  raise ValueError(f'config.diffusion.noise_plan={plan!r} is not one of {NOISE_PLANS}')
