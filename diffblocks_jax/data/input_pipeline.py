@@ -90,16 +90,7 @@ def _load_tfds(data_config, shard) -> Dataset:
   if not builder.is_prepared():
     tfds_preparation.prepare(builder, data_config)
   splits = _tfds_splits(builder, data_config)
-  for field, split in zip(('train_split', 'test_split'), splits):
-    if not builder.info.splits:  # Empty under tfds.testing.mock_data: nothing to check against.
-      continue
-    try:
-      num_examples = builder.info.splits[split].num_examples  # Parses slices too ('train[:90%]').
-    except (KeyError, ValueError) as e:
-      raise DataError(f'config.data.{field}={split!r} is not a split of {data_config.name}: {e}') from e
-    if not num_examples:
-      raise DataError(f'config.data.{field}={split!r} of {data_config.name} has no examples; choose a split '
-                      f'or slice that has some (the splits: {sorted(builder.info.splits)})')
+  tfds_preparation.check_splits(builder, splits, data_config.name)
   label_key, name = data_config.label_key, data_config.name
   try:
     train_source, test_source = builder.as_data_source(split=splits)

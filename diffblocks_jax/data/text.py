@@ -288,16 +288,7 @@ def _load_tfds_text(data_config) -> tuple[str, str]:
   if not builder.is_prepared():
     tfds_preparation.prepare(builder, data_config)  # Raises DataError if tfds_download is False or offline.
   splits = [data_config.train_split, data_config.test_split]
-  for field, split in zip(('train_split', 'test_split'), splits):
-    if not builder.info.splits:  # Empty under tfds.testing.mock_data: nothing to check against.
-      continue
-    try:
-      num_examples = builder.info.splits[split].num_examples  # Parses slices too ('train[:90%]').
-    except (KeyError, ValueError) as e:
-      raise DataError(f'config.data.{field}={split!r} is not a split of {name}: {e}') from e
-    if not num_examples:
-      raise DataError(f'config.data.{field}={split!r} of {name} has no examples; choose a split or slice that '
-                      f'has some (the splits: {sorted(builder.info.splits)})')
+  tfds_preparation.check_splits(builder, splits, name)
   try:
     sources = builder.as_data_source(split=splits)
   except NotImplementedError:  # Prepared as tfrecord: no random access, read it through TensorFlow.

@@ -57,6 +57,20 @@ def prepare(builder, data_config) -> None:
                                   data_config)) from e
 
 
+def check_splits(builder, splits, name: str) -> None:
+  """Names a train or test split (or slice) that the prepared dataset lacks or that holds no examples."""
+  for field, split in zip(('train_split', 'test_split'), splits):
+    if not builder.info.splits:  # Empty under tfds.testing.mock_data: nothing to check against.
+      continue
+    try:
+      num_examples = builder.info.splits[split].num_examples  # Parses slices too ('train[:90%]').
+    except (KeyError, ValueError) as e:
+      raise DataError(f'config.data.{field}={split!r} is not a split of {name}: {e}') from e
+    if not num_examples:
+      raise DataError(f'config.data.{field}={split!r} of {name} has no examples; choose a split or slice that '
+                      f'has some (the splits: {sorted(builder.info.splits)})')
+
+
 def _mocked(builder) -> bool:
   return getattr(builder.download_and_prepare, '__module__', '').startswith('tensorflow_datasets.testing')
 
