@@ -113,7 +113,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   e.cfg_scale = 1.0  # Classifier-free guidance scale; 1.0 = plain conditional logits (no extra pass).
   e.step = 0  # --mode=eval: checkpoint step to evaluate (0 = latest).
   # Image generation (model.kind 'dit' | 'dit_dblock'):
-  e.solver = 'euler'  # 'euler' or 'heun' (one extra model call per step).
+  e.solver = 'euler'  # 'euler' or 'heun' (one extra model call per step); 'ar_dblock': 'euler' (the paper's) or
+  # 'ancestral' (each step draws a token and noises its embedding afresh: tasks/autoregressive.py).
   e.sigma_grid = 'quantile'  # 'quantile' (equal quantiles of the log-normal, the release's) or 'karras' (rho = 7).
   e.num_samples = 0  # Samples scored per evaluation (0 = as many as test images), class-balanced.
   e.classifier_workdir = ''  # Workdir of a classifier trained here on the same data: eval/fd, eval/sample_accuracy.
@@ -169,7 +170,7 @@ _CHOICES = {
     'data.vocab': ('char', 'byte'),
     'data.on_corrupt': ('error', 'skip'),
     'model.kind': tuple(KINDS),
-    'eval.solver': ('euler', 'heun'),
+    'eval.solver': ('euler', 'heun', 'ancestral'),
     'eval.sigma_grid': ('quantile', 'karras'),
     'model.label_token': ('replace', 'concat'),
     'model.compute_dtype': ('float32', 'bfloat16'),
@@ -296,6 +297,8 @@ def validate(config, *, num_devices: int | None = None) -> None:
   if f.get('noise_plan', 'release') == 'matched' and known_kind and m.kind not in ('dblock', 'ar_dblock'):
     errors.append(f"config.diffusion.noise_plan='matched' is for the diffused embeddings of model.kind 'dblock' "
                   f"(labels) and 'ar_dblock' (tokens), got {m.kind!r}: set config.diffusion.noise_plan='release'")
+  if _get(config, 'eval.solver') == 'ancestral' and m.kind != 'ar_dblock':
+    errors.append(f"config.eval.solver='ancestral' is the sampler of model.kind 'ar_dblock', not {m.kind!r}")
   if known_kind and task_name(config) == 'generation':
     if valid('model.hidden_size') and m.hidden_size % 4:
       errors.append(f'config.model.hidden_size={m.hidden_size} must be divisible by 4 (the DiT\'s 2-D sine-cosine '

@@ -153,12 +153,13 @@ def test_unmasking_sampler_calls_each_block_only_inside_its_slice():
     assert lo - 1e-6 <= t <= hi + 1e-6 and lo - 1e-6 <= t_next <= hi + 1e-6  # The whole step is the block's.
 
 
-def test_autoregressive_sampler_calls_each_block_only_for_its_own_sigma():
+@pytest.mark.parametrize('solver', autoregressive.AR_SOLVERS)
+def test_autoregressive_sampler_calls_each_block_only_for_its_own_sigma(solver):
   calls = []
   plan = diffusion.LogNormalPartition(4, overlap=0.1)
   seq_len, steps = 3, 8
   out = autoregressive.denoise_tokens(autoregressive.Autoregressive(), RecordingModel(4, calls), jax.random.key(0),
-                                      2, seq_len, partition=plan, num_steps=steps)
+                                      2, seq_len, partition=plan, num_steps=steps, solver=solver)
   jax.effects_barrier()
   assert out.shape == (2, seq_len)
   assert len(calls) == seq_len * steps  # N steps per token.

@@ -27,6 +27,9 @@ from diffblocks_jax.core import blocks, sampler, steps
 from diffblocks_jax.tasks.masked_lm import sample_tokens
 
 
+AR_SOLVERS = ('euler', 'ancestral')  # eval.solver for 'ar_dblock'.
+
+
 def normalised_table(model, block) -> jax.Array:
   """Ê: the token embedding rows of the outer parts that `block` runs between, L2-normalised (V, h)."""
   table = model.outer(model.block(block)).embedding_table().astype(jnp.float32)
@@ -92,20 +95,34 @@ def ancestral(model, key: jax.Array, num: int, seq_len: int, *, temperature: flo
 
 
 def denoise_tokens(task: Autoregressive, model, key: jax.Array, num: int, seq_len: int, *, partition,
-                   num_steps: int, grid: str = 'quantile', temperature: float = 1.0, top_k: int = 0) -> jax.Array:
+                   num_steps: int, grid: str = 'quantile', solver: str = 'euler', temperature: float = 1.0,
+                   top_k: int = 0) -> jax.Array:
   """(num, seq_len) samples of an 'ar_dblock' model: per position i, slot i starts from the prior at σ_max and
-  takes `num_steps` Euler steps, step n run by the block that owns σ_n (`sampler.plan`, known when tracing);
-  x_i is drawn from the last step's logits. The other slots hold noise that slot i cannot see."""
+  takes `num_steps` steps, step n run by the block that owns σ_n (`sampler.plan`, known when tracing); x_i is
+  drawn from the last step's logits. The other slots hold noise that slot i cannot see.
+
+  solver 'euler' (the paper's): x̂ = softmax(logits)·Ê and an Euler step of the probability-flow ODE.
+  'ancestral': a token drawn from the step's logits, its embedding noised afresh to the next σ, so every block
+  sees inputs of the form it was trained on (one clean embedding plus noise) rather than a blend of embeddings.
+  """
+  if solver not in AR_SOLVERS:
+    raise ValueError(f'solver must be one of {AR_SOLVERS}, got {solver!r}')
   levels, owners = sampler.plan(partition, num_steps, grid)
   width = normalised_table(model, 0).shape[-1]
 
   def position(tokens, i):
-    noise_key, draw_key = jax.random.split(jax.random.fold_in(key, i))
+    noise_key, draw_key, step_key = jax.random.split(jax.random.fold_in(key, i), 3)
     z = partition.prior(noise_key, (num, seq_len, width), float(levels[0]))
     for n, block in enumerate(owners.tolist()):
       logits = task.denoise(model, tokens, z, jnp.full((num,), levels[n], jnp.float32), block, None)
-      if n + 1 < num_steps:
+      if n + 1 == num_steps:
+        break
+      if solver == 'euler':
         z = partition.euler(z, task.estimate(model, logits, block), float(levels[n]), float(levels[n + 1]))
+      else:
+        draw, noise = jax.random.split(jax.random.fold_in(step_key, n))
+        drawn = normalised_table(model, block)[sample_tokens(draw, logits, temperature, top_k)]
+        z = drawn + float(levels[n + 1]) * jax.random.normal(noise, z.shape)
     final = jax.lax.dynamic_index_in_dim(logits, i, axis=1, keepdims=False)
     return tokens.at[:, i].set(sample_tokens(draw_key, final, temperature, top_k)), None
 
@@ -165,4 +182,5 @@ def make_sample_fn(graphdef, config, data):
   task, plan = make_task(config), partition(config)
   num_steps = e.num_inference_steps or config_lib.num_blocks(config)
   return lambda params, key, num: denoise_tokens(task, nnx.merge(graphdef, params), key, num, data.seq_len,
-                                                 partition=plan, num_steps=num_steps, grid=e.sigma_grid, **options)
+                                                 partition=plan, num_steps=num_steps, grid=e.sigma_grid,
+                                                 solver=e.solver, **options)
