@@ -13,7 +13,7 @@ from absl import logging
 from diffblocks_jax import language, sampling, sharding
 from diffblocks_jax import config as config_lib
 from diffblocks_jax.data import input_pipeline
-from diffblocks_jax.experiment import Experiment, load_trained
+from diffblocks_jax.experiment import Experiment, load_judge, load_trained
 from diffblocks_jax.tasks import classification
 
 
@@ -72,22 +72,16 @@ def load_classifier(exp: Experiment) -> sampling.Classifier | None:
                     'grids. Train a classifier on the same data first (e.g. configs/digits_vit.py) and pass '
                     'its workdir.')
     return None
-  try:
-    cls_config = config_lib.load_workdir(path)
-  except FileNotFoundError as e:
-    raise config_lib.ConfigError(f'config.eval.classifier_workdir={path!r}: {e}') from None
-  if config_lib.task_name(cls_config) != 'classification':
-    raise config_lib.ConfigError(f'config.eval.classifier_workdir={path!r} holds a {cls_config.model.kind!r} '
-                                 'run, not a classifier (model.kind vit or dblock)')
-  fields = ('source', 'name', 'path', 'split_seed', 'train_split', 'test_split', 'label_key')
-  differ = [f for f in fields if cls_config.data.get(f) != exp.config.data.get(f)]
-  if differ:
-    raise config_lib.ConfigError(f'config.eval.classifier_workdir={path!r} was trained on other data '
-                                 f'(config.data.{", ".join(differ)} differ): FD needs the same dataset')
-  if cls_config.model.kind != 'vit':
-    raise config_lib.ConfigError(f'config.eval.classifier_workdir={path!r}: the features come from the '
-                                 "end-to-end ViT (model.kind 'vit'), not 'dblock'")
-  cls_exp, state = load_trained(cls_config, path)
+  def kind_error(judge):
+    if config_lib.task_name(judge) != 'classification':
+      return f' holds a {judge.model.kind!r} run, not a classifier (model.kind vit or dblock)'
+    if judge.model.kind != 'vit':
+      return ": the features come from the end-to-end ViT (model.kind 'vit'), not 'dblock'"
+    return None
+
+  cls_config, cls_exp, state = load_judge(
+      exp.config, 'classifier_workdir', kind_error=kind_error, why='FD needs the same dataset',
+      data_fields=('source', 'name', 'path', 'split_seed', 'train_split', 'test_split', 'label_key'))
   logging.info('Quality features: the ViT classifier of %s (checkpoint step %d).', path, int(state.step))
   return sampling.Classifier(cls_exp.graphdef, sharding.on_device(state.params), cls_config.data, path)
 

@@ -103,3 +103,22 @@ def load_trained(config, workdir: str, step: int | None = None):
     raise FileNotFoundError(f'No checkpoint in {os.path.join(workdir, "checkpoints")}: train first with '
                             f'--workdir={workdir}, or import one with diffblocks_jax.import_torch.')
   return exp, restored[0]
+
+
+def load_judge(config, field: str, *, data_fields: tuple[str, ...], kind_error, why: str):
+  """(judge config, experiment, state) of the finished run in `config.eval.<field>` that scores this one (the
+  classifier of generated images, the scorer of samples), checked before it is loaded: its workdir exists,
+  `kind_error(judge config)` returns None (else the error), and it was trained on the same data."""
+  path = config.eval[field]
+  try:
+    judge = config_lib.load_workdir(path)
+  except FileNotFoundError as e:
+    raise config_lib.ConfigError(f'config.eval.{field}={path!r}: {e}') from None
+  error = kind_error(judge)
+  if error:
+    raise config_lib.ConfigError(f'config.eval.{field}={path!r}{error}')
+  differ = [f for f in data_fields if judge.data.get(f) != config.data.get(f)]
+  if differ:
+    raise config_lib.ConfigError(f'config.eval.{field}={path!r} was trained on other data '
+                                 f'(config.data.{", ".join(differ)} differ): {why}')
+  return (judge, *load_trained(judge, path))

@@ -27,7 +27,7 @@ from absl import logging
 from flax import nnx
 
 from diffblocks_jax import config as config_lib
-from diffblocks_jax.experiment import Experiment, load_trained
+from diffblocks_jax.experiment import Experiment, load_judge
 from diffblocks_jax.tasks import autoregressive, masked_lm
 
 DEFAULT_NUM_SAMPLES = 64  # eval.num_samples = 0.
@@ -87,19 +87,11 @@ def load_scorer(exp: Experiment) -> Scorer | None:
     logging.warning("config.eval.scorer_workdir is empty: no eval/gen_ppl. Train the end-to-end 'ar' model on "
                     'the same data first (e.g. configs/text_ar.py) and pass its workdir.')
     return None
-  try:
-    scorer_config = config_lib.load_workdir(path)
-  except FileNotFoundError as e:
-    raise config_lib.ConfigError(f'config.eval.scorer_workdir={path!r}: {e}') from None
-  if scorer_config.model.kind != 'ar':
-    raise config_lib.ConfigError(f'config.eval.scorer_workdir={path!r} holds a {scorer_config.model.kind!r} run; '
-                                 "the scorer is the end-to-end autoregressive model (model.kind 'ar')")
-  fields = ('source', 'name', 'path', 'vocab', 'seq_len', 'test_fraction', 'train_split', 'test_split')
-  differ = [f for f in fields if scorer_config.data.get(f) != exp.config.data.get(f)]
-  if differ:
-    raise config_lib.ConfigError(f'config.eval.scorer_workdir={path!r} was trained on other data '
-                                 f'(config.data.{", ".join(differ)} differ): its perplexities would not compare')
-  scorer_exp, state = load_trained(scorer_config, path)
+  kind_error = lambda judge: (None if judge.model.kind == 'ar' else f' holds a {judge.model.kind!r} run; the scorer '
+                              "is the end-to-end autoregressive model (model.kind 'ar')")
+  _, scorer_exp, state = load_judge(
+      exp.config, 'scorer_workdir', kind_error=kind_error, why='its perplexities would not compare',
+      data_fields=('source', 'name', 'path', 'vocab', 'seq_len', 'test_fraction', 'train_split', 'test_split'))
   logging.info('Sample perplexity: the autoregressive model of %s (checkpoint step %d).', path, int(state.step))
   return Scorer(scorer_exp.graphdef, state.params, path)
 
