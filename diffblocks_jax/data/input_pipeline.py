@@ -121,12 +121,7 @@ def _tfds_splits(builder, data_config) -> list[str]:
 def _tfds_builder(tfds, data_config):
   """The builder and its number of classes, with the features checked before anything is read."""
   name, label_key = data_config.name, data_config.label_key
-  try:
-    builder = tfds.builder(name, data_dir=data_config.tfds_data_dir or None)
-  except tfds.core.DatasetNotFoundError as e:
-    first_line = str(e).splitlines()[0]  # The rest lists every TFDS dataset.
-    raise DataError(f'config.data.name={name!r} is not a TFDS dataset ({first_line}); see '
-                    'tfds.list_builders(), or set --config.data.tfds_data_dir to where it is prepared') from e
+  builder = tfds_preparation.open_builder(tfds, data_config)
   features = builder.info.features
   if 'image' not in features:
     raise DataError(f'config.data.name={name!r} has no image feature; its features are {sorted(features)}')

@@ -271,13 +271,9 @@ def _load_tfds_text(data_config) -> tuple[str, str]:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (heavy; only this source needs it)
   from diffblocks_jax.data import tfds_preparation  # pylint: disable=g-import-not-at-top
   name, key = data_config.name, data_config.text_key
-  try:
-    builder = tfds.builder(name, data_dir=data_config.tfds_data_dir or None)
-  except tfds.core.DatasetNotFoundError as e:
-    first_line = str(e).splitlines()[0]  # The rest lists every TFDS dataset.
-    raise DataError(f'config.data.name={name!r} is not a TFDS dataset ({first_line}); see '
-                    'tfds.list_builders(), set --config.data.tfds_data_dir to where it is prepared, or give a '
-                    "text file with --config.data.path (or use --config.data.source='pydoc', offline)") from e
+  builder = tfds_preparation.open_builder(
+      tfds, data_config, ", or give a text file with --config.data.path (or use --config.data.source='pydoc', "
+      'offline)')
   features = builder.info.features
   if key not in features:
     raise DataError(f'config.data.text_key={key!r} is not a feature of {name}; its features are '

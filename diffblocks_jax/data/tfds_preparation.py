@@ -57,6 +57,17 @@ def prepare(builder, data_config) -> None:
                                   data_config)) from e
 
 
+def open_builder(tfds, data_config, alternatives: str = ''):
+  """The TFDS builder of `data.name`, or a DataError naming it (and `alternatives`, another way to give data)."""
+  try:
+    return tfds.builder(data_config.name, data_dir=data_config.tfds_data_dir or None)
+  except tfds.core.DatasetNotFoundError as e:
+    first_line = str(e).splitlines()[0]  # The rest lists every TFDS dataset.
+    raise DataError(f'config.data.name={data_config.name!r} is not a TFDS dataset ({first_line}); see '
+                    f'tfds.list_builders(), {"" if alternatives else "or "}set --config.data.tfds_data_dir to where '
+                    f'it is prepared{alternatives}') from e
+
+
 def check_splits(builder, splits, name: str) -> None:
   """Names a train or test split (or slice) that the prepared dataset lacks or that holds no examples."""
   for field, split in zip(('train_split', 'test_split'), splits):
