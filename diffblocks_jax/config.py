@@ -22,7 +22,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   d.tfds_download = True  # Try download_and_prepare when the data is missing (False: fail at once, offline).
   d.split_seed = 0  # Seeds the digits 80/20 split and the folder source's training-file order.
   d.validation_fraction = 0.0  # > 0: evaluate on this seeded, stratified share of TRAIN (train shrinks) and
-  # never load the test split (sources 'digits', 'npz', 'tfds'): for choosing settings (tools/noise_plan.py).
+  # never load the test split (sources 'digits', 'npz', 'tfds'; text: the train text's tail): for choosing
+  # settings (tools/noise_plan.py, the autoregressive sampler).
   d.label_key = 'label'  # Feature holding the class ('label' = CIFAR-100's fine labels).
   d.train_split = 'train'
   d.test_split = 'test'
@@ -304,9 +305,9 @@ def validate(config, *, num_devices: int | None = None) -> None:
       errors.append(f'config.model.hidden_size={m.hidden_size} must be divisible by 4 (the DiT\'s 2-D sine-cosine '
                     'positions)')
   d = config.data
-  if d.get('validation_fraction', 0.0) and d.source not in ('digits', 'npz', 'tfds'):
-    errors.append(f'config.data.validation_fraction={d.validation_fraction} needs config.data.source digits, npz '
-                  f'or tfds (got {d.source!r}, which would evaluate on its test split)')
+  if d.get('validation_fraction', 0.0) and d.source not in ('digits', 'npz', 'tfds', *TEXT_SOURCES):
+    errors.append(f'config.data.validation_fraction={d.validation_fraction} needs config.data.source digits, npz, '
+                  f'tfds or a text source (got {d.source!r}, which would evaluate on its test split)')
   if known_kind:
     text_task, text_data = task_name(config) in LANGUAGE_TASKS, d.source in TEXT_SOURCES
     if text_task != text_data:

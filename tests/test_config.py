@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 
 import pytest
@@ -66,3 +67,14 @@ def test_a_config_saved_before_a_field_existed_still_validates():
   c = config_lib.get_base_config()
   del c.train['eval_every_epochs']  # As in a config.json written by an older version.
   config_lib.validate(c)
+
+
+def test_a_saved_run_takes_overrides_of_fields_it_predates(tmp_path):
+  from diffblocks_jax import cli  # pylint: disable=g-import-not-at-top
+  c = config_lib.get_base_config().to_dict()
+  del c['eval']['top_k']  # As in a config.json written before the field existed.
+  c['eval']['batch_size'] = 7
+  (tmp_path / 'config.json').write_text(json.dumps(c))
+  loaded = cli.get_config(str(tmp_path))
+  assert loaded.eval.top_k == config_lib.get_base_config().eval.top_k  # The default.
+  assert loaded.eval.batch_size == 7  # What the run saved wins.

@@ -95,6 +95,21 @@ def test_char_vocab_covers_the_held_out_split(tmp_path):
   assert data.name == 'corpus'
 
 
+def test_validation_split_is_the_train_texts_tail_and_never_windows_the_test_text(tmp_path):
+  # The test text ('§' only) lends its character to the vocabulary, so the model is the final run's, but no
+  # window of it is evaluated or trained on.
+  head, val = 'abcd' * 90, 'dcba' * 10
+  path = _write(tmp_path, head + val + '§' * 40)
+  data = text.load_text(_data_config(source='text', path=path, seq_len=8, test_fraction=1 / 11,
+                                     validation_fraction=0.1))  # 40 of 440 characters, then 40 of 400.
+  assert data.vocab == ('a', 'b', 'c', 'd', '§') and data.name == 'corpus (validation)'
+  assert ''.join(data.decode(row) for row in data.test_tokens) == val
+  assert ''.join(data.decode(row) for row in data.train_tokens) == head
+  config = config_lib.get_base_config()
+  config.model.kind, config.data.source, config.data.validation_fraction = 'ar', 'pydoc', 0.1
+  config_lib.validate(config)  # Text sources take a validation split.
+
+
 # ------------------------------------------------------------------------------------------------------ file
 
 def test_file_source_and_byte_order_mark(tmp_path):

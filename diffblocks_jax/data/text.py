@@ -3,7 +3,9 @@
 Sources (`config.data.source`): 'pydoc' (CPython's bundled documentation text, ~465k characters, offline),
 'text' with `data.path` (a UTF-8 file), or 'text' with `data.path == ''` (the TFDS text dataset `data.name`,
 e.g. text8 or lm1b). A file or 'pydoc' is split into its head (train) and its last `data.test_fraction` of
-characters (held out); a TFDS dataset has its own `data.train_split` and `data.test_split`.
+characters (held out); a TFDS dataset has its own `data.train_split` and `data.test_split`. With
+`data.validation_fraction`, the train text's last share is held out instead and the test text is never windowed
+(for choosing settings without the test text).
 
 Vocabularies (`config.data.vocab`): 'char', the sorted characters of the whole corpus (both splits, so the
 held-out split has no unknown character), or 'byte', the 256 UTF-8 byte values. Encoding is vectorised with
@@ -146,8 +148,14 @@ def load_text(data_config, *, process_index: int = 0, process_count: int = 1) ->
         _read_utf8_file(data_config.path), data_config, f'config.data.path={data_config.path!r}')
   else:
     name, (train_text, test_text) = data_config.name, _load_tfds_text(data_config)
-  vocab, (train_ids, test_ids) = _tokenize(data_config.vocab, (train_text, test_text))
-  del train_text, test_text  # Free the corpus (text8: 100 MB) before the shard's copy.
+  texts = (train_text, test_text)
+  if data_config.get('validation_fraction', 0.0):
+    # Evaluate on the train text's tail; the test text only lends its characters to the vocabulary, so the
+    # model (its embedding table) is the same as the final run's.
+    name += ' (validation)'
+    texts = (*_split_tail(train_text, data_config, f'{name}: the train text', 'validation_fraction'), test_text)
+  vocab, (train_ids, test_ids, *_) = _tokenize(data_config.vocab, texts)
+  del train_text, test_text, texts  # Free the corpus (text8: 100 MB) before the shard's copy.
   from_tfds = data_config.source == 'text' and not data_config.path
   seq_len = data_config.seq_len
   train = _windows(train_ids, seq_len, name, 'train', from_tfds)
@@ -195,13 +203,14 @@ def _read_utf8_file(path: str) -> str:
   return text.removeprefix('\ufeff')  # A byte-order mark is an encoding marker, not text to model.
 
 
-def _split_tail(text: str, data_config, where: str) -> tuple[str, str]:
-  """(head, tail): the tail is the last test_fraction of the characters (a cut between characters, so the
+def _split_tail(text: str, data_config, where: str, field: str = 'test_fraction') -> tuple[str, str]:
+  """(head, tail): the tail is the last `data.<field>` of the characters (a cut between characters, so the
   held-out text decodes cleanly under either vocabulary)."""
-  num_test = int(round(len(text) * data_config.test_fraction))
+  fraction = getattr(data_config, field)
+  num_test = int(round(len(text) * fraction))
   if not 0 < num_test < len(text):
     raise DataError(f'{where}: {len(text)} characters leave {len(text) - num_test} for training and {num_test} '
-                    f'held out with config.data.test_fraction={data_config.test_fraction}; use a longer text')
+                    f'held out with config.data.{field}={fraction}; use a longer text')
   return text[:len(text) - num_test], text[len(text) - num_test:]
 
 
