@@ -26,6 +26,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from diffblocks_jax import sharding
 from diffblocks_jax import config as config_lib
 from diffblocks_jax.experiment import Experiment, load_judge
 from diffblocks_jax.tasks import autoregressive, masked_lm
@@ -117,10 +118,12 @@ class LanguageEvaluator:
       self.scorer = Scorer(exp.graphdef)  # The baseline scores the held-out text and its own samples.
 
   def samples(self, params, num: int | None = None, key: jax.Array | None = None) -> np.ndarray:
+    params = sharding.on_device(params)  # Offloaded blocks (train.offload_idle_blocks): inference needs them all.
     return np.asarray(self._sample(params, self.key if key is None else key, num or self.num_samples))
 
   def __call__(self, params, step: int) -> tuple[dict[str, float], str]:
     c, test = self.exp.config, self.exp.data.test_tokens
+    params = sharding.on_device(params)
     metrics: dict[str, Any] = {}
     key = jax.random.fold_in(self.key, 1)
     batch = c.eval.batch_size

@@ -189,3 +189,20 @@ def test_sweep_trains_every_candidate_on_the_validation_split_only(tmp_path, mon
   assert config.data.validation_fraction == 0.0 and config.diffusion.noise_plan == 'release'  # Untouched.
   with pytest.raises(ValueError, match='validation'):
     noise_plan.validation_config(config, seed=0, fraction=0.0)
+
+
+def test_the_tuned_text_config_keeps_both_ends_of_the_sampler_grid_in_the_training_bulk():
+  """configs/text_ar_dblock_tuned.py: the sampler's first σ (σ_max, run by block 0) and its last (σ_min, whose
+  logits the character is drawn from, run by block B−1) each three P_std from P_mean; EDM's σ_min 0.002 is 5.8
+  P_std below, where the last block never trains."""
+  import pathlib  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_file(str(pathlib.Path(__file__).resolve().parents[1] / 'configs' /
+                                    'text_ar_dblock_tuned.py'))
+  config_lib.validate(config)
+  plan = diffusion.LogNormalPartition.from_config(config_lib.num_blocks(config), config.diffusion)
+  edm = plan.edm
+  levels = plan.inference_levels(4)
+  z = lambda sigma: (math.log(sigma) - edm.p_mean) / edm.p_std
+  assert z(levels[0]) == pytest.approx(3.0) and z(levels[-1]) == pytest.approx(-3.0)
+  assert plan.route_static(levels[0]) == 0 and plan.route_static(levels[-1]) == 3
+  assert z(0.002) == pytest.approx(-5.83, abs=0.01)
