@@ -177,20 +177,13 @@ def test_stacked_blocks_run_the_same_layers_as_a_list(tiny_config, jitter_params
   assert not np.allclose(outs[0], outs[1])
 
 
-@pytest.mark.parametrize('kind', ['mdm', 'ar_dblock'])
-def test_one_block_of_every_layer_is_the_end_to_end_model(tiny_config, jitter_params, kind):
-  """The end-to-end models draw parts then layers, as DiffusionBlocks does: one seed, the same numbers."""
-  c = text_config(tiny_config, kind)
-  if kind == 'mdm':
-    e2e = text.MaskedDiT(c.model, rngs=nnx.Rngs(3), **TEXT_DIMS)
-    one = text.DiffusionBlocksMaskedDiT(c.model, [2], rngs=nnx.Rngs(3), stack=False, **TEXT_DIMS)
-    x = inputs()
-    args = (x['x_t'], x['t'])
-  else:
-    e2e = text.ARDiffusion(c.model, rngs=nnx.Rngs(3), **TEXT_DIMS)
-    one = text.DiffusionBlocksAR(c.model, [2], rngs=nnx.Rngs(3), stack=False, **TEXT_DIMS)
-    x = inputs()
-    args = (x['tokens'], x['z_t'], x['sigmas'])
+def test_one_block_of_every_layer_is_the_end_to_end_model(tiny_config, jitter_params):
+  """The end-to-end masked model draws parts then layers, as DiffusionBlocks does: one seed, the same numbers."""
+  c = text_config(tiny_config, 'mdm')
+  e2e = text.MaskedDiT(c.model, rngs=nnx.Rngs(3), **TEXT_DIMS)
+  one = text.DiffusionBlocksMaskedDiT(c.model, [2], rngs=nnx.Rngs(3), stack=False, **TEXT_DIMS)
+  x = inputs()
+  args = (x['x_t'], x['t'])
   e2e_def, e2e_params = models.split(e2e)
   one_def, one_params = models.split(one)
   as_blocks = lambda p: {'shared': p['parts'], 'blocks': {0: p['layers']}}

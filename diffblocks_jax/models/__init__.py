@@ -6,7 +6,7 @@ from flax import nnx
 
 from diffblocks_jax.models.dblock import DiffusionBlocksViT, partition_layers
 from diffblocks_jax.models.dit import DiffusionBlocksDiT, DiT
-from diffblocks_jax.models.text import ARLM, ARDiffusion, DiffusionBlocksAR, DiffusionBlocksMaskedDiT, MaskedDiT
+from diffblocks_jax.models.text import ARLM, DiffusionBlocksAR, DiffusionBlocksMaskedDiT, MaskedDiT
 from diffblocks_jax.models.vit import ViT
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -64,6 +64,6 @@ def split(model: nnx.Module):
   return graphdef, nnx.to_pure_dict(state)
 
 
-__all__ = ['ARDiffusion', 'ARLM', 'DTYPES', 'DiT', 'DiffusionBlocksAR', 'DiffusionBlocksDiT',
+__all__ = ['ARLM', 'DTYPES', 'DiT', 'DiffusionBlocksAR', 'DiffusionBlocksDiT',
            'DiffusionBlocksMaskedDiT', 'DiffusionBlocksViT', 'KIND_DIMS', 'MaskedDiT', 'ViT', 'build',
            'partition_layers', 'split']

@@ -301,25 +301,6 @@ class ARLM(nnx.Module):
     return self.logits(tokens, key=key)
 
 
-class ARDiffusion(nnx.Module):
-  """End-to-end form of `DiffusionBlocksAR`: every layer denoises every σ."""
-
-  num_blocks = 1
-
-  def __init__(self, cfg, *, vocab_size: int, seq_len: int, rngs: nnx.Rngs, sigma_data: float = 0.5,
-               dtype=jnp.float32):
-    self.parts = _ar_diffusion_parts(cfg, vocab_size, seq_len, sigma_data, dtype)(rngs)
-    self.layers = blocks.Block([_llama(cfg, dtype, True)(rngs) for _ in range(cfg.num_layers)])
-
-  def embedding_table(self, block=None) -> jax.Array:
-    del block
-    return self.parts.embedding_table()
-
-  def denoise(self, tokens, z_t, sigmas, block=None, *, key: jax.Array | None = None) -> jax.Array:
-    del block  # One block: all layers.
-    return self.parts(self.layers, tokens, z_t, sigmas, key=key)
-
-
 class DiffusionBlocksAR(blocks.DiffusionBlocks):
   """The Llama layers cut into B blocks; block b denoises every slot's next-token embedding over its σ slice."""
 
