@@ -113,12 +113,9 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def get_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run saved in WORKDIR/config.json, tuples restored (JSON made them lists) so that
-  `--config.data.mean=(0.5,)` overrides it like a config file's. Fields added to the code after the run was
-  saved hold their defaults (as `config._get` reads them), so that an override can name them."""
+  `--config.data.mean=(0.5,)` overrides it like a config file's (and fields the run predates, which
+  `config.load_workdir` fills with their defaults)."""
   saved = config_lib.load_workdir(workdir).to_dict()
-  for section, defaults in config_lib.get_base_config().to_dict().items():
-    if isinstance(defaults, dict) and isinstance(saved.get(section), dict):
-      saved[section] = {**defaults, **saved[section]}
   return ml_collections.ConfigDict(_lists_to_tuples(saved))
 
 

@@ -410,12 +410,17 @@ def load_file(path: str) -> ml_collections.ConfigDict:
 
 
 def load_workdir(workdir: str) -> ml_collections.ConfigDict:
-  """The resolved config a run saved in WORKDIR/config.json (for evaluation and notebooks)."""
+  """The resolved config a run saved in WORKDIR/config.json (for evaluation and notebooks). Fields added to the
+  code after the run was saved hold their defaults, so that readers and `--config.<field>` overrides find them."""
   import json, os  # pylint: disable=g-import-not-at-top,multiple-imports
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} does not exist: is {workdir!r} the workdir of a training run?')
   with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+    saved = json.load(f)
+  for section, defaults in get_base_config().to_dict().items():
+    if isinstance(defaults, dict) and isinstance(saved.get(section), dict):
+      saved[section] = {**defaults, **saved[section]}
+  config = ml_collections.ConfigDict(saved)
   # JSON turns tuples into lists; the code treats both alike, but keep the defaults' types for overrides.
   return config
