@@ -6,7 +6,7 @@ the paper").
 The release-default DiffusionBlocks setting of `digits_vit.py`'s 6-layer x 64 ViT, changed in three ways, each
 chosen on a validation split carved from train (20 %, stratified; the test split is never loaded):
 - diffusion.noise_plan = 'matched': P_mean = ln σ_max − 3·P_std = 0.782, so the sampler's first σ (80, where
-  block 0 is called) lies in the training log-normal's bulk, not 4.65 P_std out (`diffusion.matched_p_mean`).
+  block 0 is called) lies in the training log-normal's bulk, not 4.65 P_std out (`partitions.matched_p_mean`).
   Validation, 2 seeds: P_mean −1.2 50.9 %, 0.5 69.8 %, matched 78.0 %, 1.5 59.0 %.
 - model.label_token = 'concat' (the paper's layout): 92.0 % on top of 'matched'.
 - eval.normalized_embeddings = True: 78.0 -> 81.8 % with 'replace', 92.0 -> 92.4 % with 'concat' (the same

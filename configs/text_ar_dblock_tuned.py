@@ -33,13 +33,13 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from text_ar import text_ar_base  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from diffblocks_jax import diffusion  # pylint: disable=g-import-not-at-top,wrong-import-position
+from diffblocks_jax.core import partitions  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def get_config():
   config = text_ar_base('ar_dblock')
   config.diffusion.noise_plan = 'matched'  # config.diffusion.p_mean is then unused.
   d = config.diffusion  # σ_min from σ_max and P_std as set here: overriding either on the command line leaves it.
-  d.sigma_min = math.exp(diffusion.matched_p_mean(d.sigma_max, d.p_std) - diffusion.MATCHED_REACH * d.p_std)
+  d.sigma_min = math.exp(partitions.matched_p_mean(d.sigma_max, d.p_std) - partitions.MATCHED_REACH * d.p_std)
   config.eval.solver = 'ancestral'
   return config

@@ -24,7 +24,7 @@ from absl import flags
 from absl import logging
 import ml_collections
 
-from diffblocks_jax import checkpointing, locking, reporting
+from diffblocks_jax.training import checkpointing, locking, reporting
 from diffblocks_jax import config as config_lib
 from diffblocks_jax.data import dataset
 

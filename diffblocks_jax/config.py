@@ -72,7 +72,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   f.p_mean = -1.2
   f.p_std = 1.2
   f.noise_plan = 'release'  # 'release': P_mean as set | 'matched': P_mean = ln(sigma_max) - 3*p_std, so the
-  # sampler's first sigma lies in the training log-normal's bulk (diffusion.matched_p_mean; dblock, ar_dblock).
+  # sampler's first sigma lies in the training log-normal's bulk (partitions.matched_p_mean; dblock, ar_dblock).
   f.sigma_data = 0.5
   f.overlap = 0.05  # gamma: each block's noise range widened by this fraction of its log-width per side.
   f.loss_weighting = 'batch_mean'  # 'batch_mean' = mean(w)*mean(ce) (release) | 'per_sample' = mean(w*ce).
@@ -126,7 +126,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   e.top_k = 0  # Sample among the k likeliest tokens (0 = all).
   e.scorer_workdir = ''  # Workdir of an end-to-end 'ar' run on the same data: scores samples (eval/gen_ppl).
 
-  # --- devices (sharding.py) ---
+  # --- devices (training/sharding.py) ---
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # Devices on the 'data' axis (-1 = all).
   c.parallel_blocks = False  # Train the B independent blocks at once: the block axis sharded over B device groups.

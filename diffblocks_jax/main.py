@@ -13,7 +13,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffblocks_jax import cli, distributed, evaluation, train
+from diffblocks_jax import cli
+from diffblocks_jax.training import distributed, evaluation, train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (eval, sample: default '
                                           'WORKDIR/config.json).', lock_config=True)

@@ -16,7 +16,7 @@ import sys
 import jax
 import pytest
 
-from diffblocks_jax import sharding, experiment
+from diffblocks_jax.training import sharding, experiment
 from diffblocks_jax.tools import bench
 from conftest import HANG_GUARD_S
 

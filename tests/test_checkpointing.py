@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from diffblocks_jax.core import optim, steps
-from diffblocks_jax.checkpointing import Checkpointer, CheckpointError
+from diffblocks_jax.training.checkpointing import Checkpointer, CheckpointError
 
 # After a failed read, TensorStore callbacks can land on Orbax's closed event loop ("Event loop is
 # closed"): noise from the damaged-checkpoint tests, not a failure.

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from diffblocks_jax import config as config_lib
-from diffblocks_jax import diffusion
+from diffblocks_jax.core import partitions
 from diffblocks_jax.tools import diagnostics
 
 NUM_BLOCKS = 3
@@ -17,13 +17,13 @@ NUM_BLOCKS = 3
 
 @pytest.mark.parametrize('p_mean', [-1.2, 0.5])
 def test_training_density_matches_the_training_sampler(p_mean):
-  edm = diffusion.EDM(p_mean=p_mean)
+  edm = partitions.EDM(p_mean=p_mean)
   grid = np.exp(np.linspace(np.log(edm.sigma_min), np.log(edm.sigma_max), 20001))
   density = diagnostics.training_sigma_density(grid, NUM_BLOCKS, edm)
   np.testing.assert_allclose(np.trapezoid(density, np.log(grid), axis=1), 1 / NUM_BLOCKS, rtol=2e-3)
   # Against draws of the training step's own sampler: the share of each block's σ above a few thresholds.
   for block in range(NUM_BLOCKS):
-    sigmas, drawn_block = diffusion.sample_training_sigmas(jax.random.key(block), 200_000, NUM_BLOCKS, 0.05,
+    sigmas, drawn_block = partitions.sample_training_sigmas(jax.random.key(block), 200_000, NUM_BLOCKS, 0.05,
                                                            edm, bucket_index=NUM_BLOCKS - 1 - block)
     assert int(drawn_block) == block
     sigmas = np.asarray(sigmas, np.float64)
@@ -89,15 +89,15 @@ SPEC_RANGES = [(0.392048, 80.0), (0.170584, 0.531832), (0.002, 0.224933)]
 
 @pytest.mark.parametrize('p_mean', [-1.2, 0.5])
 def test_noise_plan_agrees_with_the_training_sampler_and_the_sampler_schedule(p_mean):
-  edm = diffusion.EDM(p_mean=p_mean)
-  lines = diffusion.noise_plan(NUM_BLOCKS, NUM_BLOCKS, edm)
+  edm = partitions.EDM(p_mean=p_mean)
+  lines = partitions.noise_plan(NUM_BLOCKS, NUM_BLOCKS, edm)
   assert len(lines) == NUM_BLOCKS
-  steps = diffusion.inference_sigmas(NUM_BLOCKS, edm)
+  steps = partitions.inference_sigmas(NUM_BLOCKS, edm)
   for block, line in enumerate(lines):
     match = re.fullmatch(r'block (\d): trained on σ in \[(\S+), (\S+)\], median (\S+), (\S+) % above σ = 10; '
                          r'sampler calls it at σ = (\S+)', line)
     assert match and int(match.group(1)) == block, line
-    sigmas, _ = diffusion.sample_training_sigmas(jax.random.key(7), 200_000, NUM_BLOCKS, 0.05, edm,
+    sigmas, _ = partitions.sample_training_sigmas(jax.random.key(7), 200_000, NUM_BLOCKS, 0.05, edm,
                                                  bucket_index=NUM_BLOCKS - 1 - block)
     sigmas = np.asarray(sigmas, np.float64)
     lo, hi = float(match.group(2)), float(match.group(3))
@@ -111,7 +111,7 @@ def test_noise_plan_agrees_with_the_training_sampler_and_the_sampler_schedule(p_
 
 
 def test_noise_plan_names_a_block_the_sampler_skips():
-  lines = diffusion.noise_plan(3, 2)  # Two steps, σ = 80 and 0.002: block 1 is never called.
+  lines = partitions.noise_plan(3, 2)  # Two steps, σ = 80 and 0.002: block 1 is never called.
   assert lines[1].endswith('sampler calls it at σ = (never)'), lines
 
 
@@ -119,6 +119,6 @@ def test_noise_plan_for_a_config_uses_its_noise_settings_and_sampler_steps():
   config = config_lib.get_base_config()
   config.diffusion.p_mean = 0.5
   config.eval.num_inference_steps = 2
-  lines = diffusion.noise_plan_for(config, 3)
-  assert lines == diffusion.noise_plan(3, 2, diffusion.EDM(p_mean=0.5))
+  lines = partitions.noise_plan_for(config, 3)
+  assert lines == partitions.noise_plan(3, 2, partitions.EDM(p_mean=0.5))
   assert 'median 4.66' in lines[0] and lines[1].endswith('(never)')

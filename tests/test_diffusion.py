@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from diffblocks_jax import diffusion
+from diffblocks_jax.core import partitions
+from diffblocks_jax.models import edm
 
 SIGMA_MIN, SIGMA_MAX, P_MEAN, P_STD, SIGMA_DATA = 0.002, 80.0, -1.2, 1.2, 0.5
 
@@ -36,7 +37,7 @@ def reference_equiprobable(num_points):
     (4, [0.002, 0.134076, 0.3012, 0.676649, 80]),
 ])
 def test_block_boundaries(num_blocks, expected):
-  sigmas = diffusion.block_sigmas(num_blocks)
+  sigmas = partitions.block_sigmas(num_blocks)
   assert sigmas.shape == (num_blocks + 1,)
   assert sig6(sigmas) == expected
   assert np.all(np.diff(sigmas) > 0)
@@ -45,11 +46,11 @@ def test_block_boundaries(num_blocks, expected):
 
 def test_block_boundaries_rejects_zero_blocks():
   with pytest.raises(ValueError):
-    diffusion.block_sigmas(0)
+    partitions.block_sigmas(0)
 
 
 def test_widened_ranges_b3():
-  ranges = diffusion.widened_ranges(3, overlap=0.05)
+  ranges = partitions.widened_ranges(3, overlap=0.05)
   assert ranges.shape == (3, 2)
   assert sig6(ranges) == [0.002, 0.224933, 0.170584, 0.531832, 0.392048, 80]
 
@@ -61,7 +62,7 @@ def test_widened_ranges_formula(num_blocks, overlap):
   width = b[1:] - b[:-1]
   lo = np.maximum(np.exp(b[:-1] - overlap * width), SIGMA_MIN)
   hi = np.minimum(np.exp(b[1:] + overlap * width), SIGMA_MAX)
-  np.testing.assert_allclose(diffusion.widened_ranges(num_blocks, overlap), np.stack([lo, hi], 1), rtol=1e-9)
+  np.testing.assert_allclose(partitions.widened_ranges(num_blocks, overlap), np.stack([lo, hi], 1), rtol=1e-9)
 
 
 @pytest.mark.parametrize('num_steps, expected', [
@@ -69,7 +70,7 @@ def test_widened_ranges_formula(num_blocks, overlap):
     (5, [80, 0.676649, 0.3012, 0.134076, 0.002]),
 ])
 def test_inference_sigmas(num_steps, expected):
-  sigmas = diffusion.inference_sigmas(num_steps)
+  sigmas = partitions.inference_sigmas(num_steps)
   assert sigmas.shape == (num_steps,)
   assert sig6(sigmas) == expected
   assert np.all(np.diff(sigmas) < 0)  # descending: first block first
@@ -80,16 +81,16 @@ def test_inference_sigmas(num_steps, expected):
 
 def test_route_high_noise_to_first_block():
   sigmas = jnp.array([80.0, 0.3012, 0.002])
-  np.testing.assert_array_equal(diffusion.route(sigmas, 3), [0, 1, 2])
-  np.testing.assert_array_equal(diffusion.bucket(sigmas, 3), [2, 1, 0])
-  assert [diffusion.route_static(s, 3) for s in (80.0, 0.3012, 0.002)] == [0, 1, 2]
+  np.testing.assert_array_equal(partitions.route(sigmas, 3), [0, 1, 2])
+  np.testing.assert_array_equal(partitions.bucket(sigmas, 3), [2, 1, 0])
+  assert [partitions.route_static(s, 3) for s in (80.0, 0.3012, 0.002)] == [0, 1, 2]
 
 
 def test_route_of_inference_schedules():
   # N=3 visits every block once; N=5: 80 and 0.6766 → block 0, 0.3012 → 1, 0.1341 and 0.002 → 2.
-  assert [diffusion.route_static(s, 3) for s in diffusion.inference_sigmas(3)] == [0, 1, 2]
-  assert [diffusion.route_static(s, 3) for s in diffusion.inference_sigmas(5)] == [0, 0, 1, 2, 2]
-  np.testing.assert_array_equal(diffusion.route(jnp.asarray(diffusion.inference_sigmas(5)), 3),
+  assert [partitions.route_static(s, 3) for s in partitions.inference_sigmas(3)] == [0, 1, 2]
+  assert [partitions.route_static(s, 3) for s in partitions.inference_sigmas(5)] == [0, 0, 1, 2, 2]
+  np.testing.assert_array_equal(partitions.route(jnp.asarray(partitions.inference_sigmas(5)), 3),
                                 [0, 0, 1, 2, 2])
 
 
@@ -99,8 +100,8 @@ def test_route_matches_definition_on_a_grid(num_blocks):
   bounds = reference_equiprobable(num_blocks + 1).astype(np.float32)
   bounds[0], bounds[-1] = SIGMA_MIN, SIGMA_MAX
   expected = num_blocks - 1 - np.clip(np.sum(grid[:, None] >= bounds[None], axis=1) - 1, 0, num_blocks - 1)
-  np.testing.assert_array_equal(diffusion.route(jnp.asarray(grid), num_blocks), expected)
-  assert [diffusion.route_static(s, num_blocks) for s in grid] == expected.tolist()
+  np.testing.assert_array_equal(partitions.route(jnp.asarray(grid), num_blocks), expected)
+  assert [partitions.route_static(s, num_blocks) for s in grid] == expected.tolist()
 
 
 # --- preconditioning and weight (SPEC §4) ---
@@ -110,7 +111,7 @@ SIGMAS = np.array([0.002, 0.01, 0.1795, 0.5, 1.0, 3.0, 80.0])
 
 def test_preconditioning_coefficients():
   s, d = SIGMAS.astype(np.float64), SIGMA_DATA
-  c_skip, c_out, c_in, c_noise = diffusion.preconditioning(jnp.asarray(SIGMAS, jnp.float32))
+  c_skip, c_out, c_in, c_noise = edm.preconditioning(jnp.asarray(SIGMAS, jnp.float32))
   np.testing.assert_allclose(c_skip, d**2 / (s**2 + d**2), rtol=1e-6)
   np.testing.assert_allclose(c_out, s * d / np.sqrt(s**2 + d**2), rtol=1e-6)
   np.testing.assert_allclose(c_in, 1 / np.sqrt(s**2 + d**2), rtol=1e-6)
@@ -121,16 +122,16 @@ def test_preconditioning_coefficients():
 
 def test_preconditioning_keeps_shape():
   sigma = jnp.full((2, 3), 0.7)
-  assert all(c.shape == (2, 3) for c in diffusion.preconditioning(sigma))
+  assert all(c.shape == (2, 3) for c in edm.preconditioning(sigma))
 
 
 def test_loss_weight():
   s, d = SIGMAS.astype(np.float64), SIGMA_DATA
-  np.testing.assert_allclose(diffusion.loss_weight(jnp.asarray(SIGMAS, jnp.float32)),
+  np.testing.assert_allclose(partitions.loss_weight(jnp.asarray(SIGMAS, jnp.float32)),
                              (s**2 + d**2) / (s * d)**2, rtol=1e-6)
   # w = 1 / c_out²: the weight that makes the effective target unit-variance.
-  _, c_out, _, _ = diffusion.preconditioning(jnp.asarray(SIGMAS, jnp.float32))
-  np.testing.assert_allclose(diffusion.loss_weight(jnp.asarray(SIGMAS)), 1 / np.asarray(c_out)**2, rtol=1e-5)
+  _, c_out, _, _ = edm.preconditioning(jnp.asarray(SIGMAS, jnp.float32))
+  np.testing.assert_allclose(partitions.loss_weight(jnp.asarray(SIGMAS)), 1 / np.asarray(c_out)**2, rtol=1e-5)
 
 
 # --- training σ sampling (SPEC §5.1-5.4) ---
@@ -144,7 +145,7 @@ def draws():
   out = {}
   for num_blocks in (2, 3, 4):
     keys = jax.random.split(jax.random.key(1234 + num_blocks), NUM_DRAWS)
-    fn = jax.jit(jax.vmap(lambda k: diffusion.sample_training_sigmas(k, BATCH, num_blocks, 0.05)))
+    fn = jax.jit(jax.vmap(lambda k: partitions.sample_training_sigmas(k, BATCH, num_blocks, 0.05)))
     sigmas, blocks = fn(keys)
     out[num_blocks] = (np.asarray(sigmas, np.float64), np.asarray(blocks))
   return out
@@ -155,7 +156,7 @@ def test_training_sigmas_in_range(draws, num_blocks):
   sigmas, blocks = draws[num_blocks]
   assert sigmas.shape == (NUM_DRAWS, BATCH) and blocks.shape == (NUM_DRAWS,)
   assert np.all(np.isfinite(sigmas))
-  ranges = diffusion.widened_ranges(num_blocks, 0.05)
+  ranges = partitions.widened_ranges(num_blocks, 0.05)
   # Union of the widened ranges.
   assert sigmas.min() >= ranges[:, 0].min() * (1 - 1e-5)
   assert sigmas.max() <= ranges[:, 1].max() * (1 + 1e-5)
@@ -175,13 +176,13 @@ def test_training_block_is_uniform(draws, num_blocks):
 def test_training_batch_inside_chosen_bucket(draws, num_blocks):
   """Every σ of a batch lies in the widened range of the bucket whose block was returned."""
   sigmas, blocks = draws[num_blocks]
-  ranges = diffusion.widened_ranges(num_blocks, 0.05)
+  ranges = partitions.widened_ranges(num_blocks, 0.05)
   k = num_blocks - 1 - blocks  # the block is B−1−bucket
   lo, hi = ranges[k, 0][:, None], ranges[k, 1][:, None]
   assert np.all(sigmas >= lo * (1 - 1e-5)), 'a σ below its bucket'
   assert np.all(sigmas <= hi * (1 + 1e-5)), 'a σ above its bucket'
   # The block is B−1−mode(bucket(σ)) of the batch.
-  bounds = diffusion.block_sigmas(num_blocks)
+  bounds = partitions.block_sigmas(num_blocks)
   buckets = np.clip(np.sum(sigmas.astype(np.float32)[..., None] >= bounds.astype(np.float32), -1) - 1,
                     0, num_blocks - 1)
   modes = np.array([np.argmax(np.bincount(row, minlength=num_blocks)) for row in buckets])
@@ -195,7 +196,7 @@ def test_training_sigmas_truncated_lognormal(draws, bucket_index):
   x = np.sort(np.log(sigmas[blocks == 2 - bucket_index].ravel()))
   n = len(x)
   assert n > 500 * BATCH
-  lo, hi = np.log(diffusion.widened_ranges(3, 0.05)[bucket_index])
+  lo, hi = np.log(partitions.widened_ranges(3, 0.05)[bucket_index])
   law = stats.norm(P_MEAN, P_STD)
   cdf = (law.cdf(x) - law.cdf(lo)) / (law.cdf(hi) - law.cdf(lo))
   ks = max(np.max(np.arange(1, n + 1) / n - cdf), np.max(cdf - np.arange(n) / n))
@@ -207,7 +208,7 @@ def test_training_sigmas_truncated_lognormal(draws, bucket_index):
 
 
 def test_training_sigmas_deterministic_per_key():
-  fn = jax.jit(lambda k: diffusion.sample_training_sigmas(k, 16, 3))
+  fn = jax.jit(lambda k: partitions.sample_training_sigmas(k, 16, 3))
   a, b = fn(jax.random.key(7)), fn(jax.random.key(7))
   chex.assert_trees_all_equal(a, b)
   c = fn(jax.random.key(8))
@@ -218,7 +219,7 @@ def test_training_sigmas_deterministic_per_key():
 
 def test_timestep_embedding_layout():
   t = np.array([0.0, 0.25 * math.log(0.002), 0.25 * math.log(0.3), 0.25 * math.log(80.0), 0.7])
-  emb = np.asarray(diffusion.timestep_embedding(jnp.asarray(t, jnp.float32), 256))
+  emb = np.asarray(edm.timestep_embedding(jnp.asarray(t, jnp.float32), 256))
   assert emb.shape == (5, 256)
   freqs = np.exp(-math.log(10000.0) * np.arange(128) / 128)
   args = t[:, None] * freqs[None]
@@ -232,20 +233,20 @@ def test_timestep_embedding_layout():
 
 
 def test_timestep_embedding_batch_shape():
-  emb = diffusion.timestep_embedding(jnp.zeros((2, 3)), 256)
+  emb = edm.timestep_embedding(jnp.zeros((2, 3)), 256)
   assert emb.shape == (2, 3, 256)
 
 
 # ------------------------------------------------------------------ partitions as the core uses them
 
 def test_lognormal_partition_is_the_spec_schedule():
-  plan = diffusion.LogNormalPartition(3)
+  plan = partitions.LogNormalPartition(3)
   np.testing.assert_allclose(plan.boundaries(), [0.002, 0.179632, 0.505041, 80.0], rtol=1e-5)
   np.testing.assert_allclose(plan.inference_levels(3), [80.0, 0.3012, 0.002], rtol=1e-3)
   assert [plan.route_static(s) for s in plan.inference_levels(3)] == [0, 1, 2]
   key = jax.random.key(0)
   sigmas, block = plan.sample(key, 16)
-  want_sigmas, want_block = diffusion.sample_training_sigmas(key, 16, 3, 0.05)
+  want_sigmas, want_block = partitions.sample_training_sigmas(key, 16, 3, 0.05)
   np.testing.assert_array_equal(sigmas, want_sigmas)
   assert int(block) == int(want_block)
   x0 = jnp.ones((16, 4))
@@ -255,8 +256,8 @@ def test_lognormal_partition_is_the_spec_schedule():
 
 
 def test_lognormal_partition_fixed_block_samples_its_own_range():
-  plan = diffusion.LogNormalPartition(3)
-  ranges = diffusion.widened_ranges(3)
+  plan = partitions.LogNormalPartition(3)
+  ranges = partitions.widened_ranges(3)
   for block in range(3):
     sigmas, _ = plan.sample(jax.random.key(block), 256, block=block)
     lo, hi = ranges[2 - block]
@@ -265,7 +266,7 @@ def test_lognormal_partition_fixed_block_samples_its_own_range():
 
 def test_masking_partition_boundaries_overlap_and_routing():
   """App. D: t_b = b/B; γ widens each slice by γ of its width per side; high t (mostly masked) → block 0."""
-  plan = diffusion.MaskingPartition(num_blocks=4, overlap=0.1, mask_id=99)
+  plan = partitions.MaskingPartition(num_blocks=4, overlap=0.1, mask_id=99)
   np.testing.assert_allclose(plan.boundaries(), [0.0, 0.25, 0.5, 0.75, 1.0])
   np.testing.assert_allclose(plan.widened_ranges(), [[0.0, 0.275], [0.225, 0.525], [0.475, 0.775],
                                                      [0.725, 1.0]])
@@ -281,7 +282,7 @@ def test_masking_partition_boundaries_overlap_and_routing():
 
 
 def test_masking_partition_corrupts_at_rate_t():
-  plan = diffusion.MaskingPartition(num_blocks=2, mask_id=7)
+  plan = partitions.MaskingPartition(num_blocks=2, mask_id=7)
   tokens = jnp.zeros((4, 4000), jnp.int32)
   t = jnp.array([0.0, 0.25, 0.5, 1.0])
   masked = np.asarray(plan.corrupt(jax.random.key(0), tokens, t)) == 7

@@ -10,7 +10,7 @@ import chex
 import numpy as np
 import pytest
 
-from diffblocks_jax import experiment, train
+from diffblocks_jax.training import experiment, train
 from diffblocks_jax import config as config_lib
 from conftest import HANG_GUARD_S
 

@@ -83,7 +83,7 @@ def train_and_save(data: str, workdir: str, out: str, port: int = 0, num_process
     config.distributed.coordinator_address = f'127.0.0.1:{port}'
     config.distributed.num_processes = num_processes
     config.distributed.process_id = process_id
-  from diffblocks_jax import distributed, evaluation, experiment, train  # pylint: disable=g-import-not-at-top
+  from diffblocks_jax.training import distributed, evaluation, experiment, train  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   distributed.maybe_initialize(config)
   assert jax.process_count() == num_processes and jax.device_count() == 4, (jax.process_count(), jax.devices())
@@ -132,7 +132,8 @@ def test_two_processes_match_one(tmp_path):
 
 
 def test_initialize_arguments(monkeypatch):
-  from diffblocks_jax import config as config_lib, distributed  # pylint: disable=g-import-not-at-top
+  from diffblocks_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from diffblocks_jax.training import distributed  # pylint: disable=g-import-not-at-top
   config = config_lib.get_base_config()
   monkeypatch.delenv('SLURM_NTASKS', raising=False)
   assert distributed.initialize_kwargs(config) == {}  # Everything auto-detected.

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from diffblocks_jax import checkpointing, evaluation, experiment, reporting, train
+from diffblocks_jax.training import checkpointing, evaluation, experiment, reporting, train
 from diffblocks_jax import config as config_lib
 from conftest import HANG_GUARD_S
 

@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from diffblocks_jax.core import partitions
+from diffblocks_jax.models import edm
 from diffblocks_jax import config as config_lib
-from diffblocks_jax import diffusion, models, reporting
+from diffblocks_jax import models
+from diffblocks_jax.training import reporting
 from diffblocks_jax.core import sampler
 from diffblocks_jax.tasks import generation
 
@@ -45,7 +48,7 @@ def jitter(model, scale=0.3, seed=1):
 
 def test_edm_coefficients_and_weight_on_images():
   sigma = np.array([0.002, 0.5, 3.0, 80.0])
-  c_skip, c_out, c_in, c_noise = (np.asarray(c) for c in diffusion.preconditioning(sigma, 0.5))
+  c_skip, c_out, c_in, c_noise = (np.asarray(c) for c in edm.preconditioning(sigma, 0.5))
   np.testing.assert_allclose(c_skip, 0.25 / (sigma**2 + 0.25), rtol=1e-6)
   np.testing.assert_allclose(c_out, sigma * 0.5 / np.sqrt(sigma**2 + 0.25), rtol=1e-6)
   np.testing.assert_allclose(c_in, 1 / np.sqrt(sigma**2 + 0.25), rtol=1e-6)
@@ -67,7 +70,7 @@ def test_denoiser_at_init_is_the_skip_connection(kind):
   model = build(tiny_dit_config(kind))
   x = jax.random.normal(jax.random.key(0), (3,) + SHAPE)
   sigmas = jnp.array([0.01, 1.0, 50.0])
-  c_skip = np.asarray(diffusion.preconditioning(sigmas)[0])
+  c_skip = np.asarray(edm.preconditioning(sigmas)[0])
   for block in range(model.num_blocks):
     out = model.denoise(jnp.array([0, 1, 4]), x, sigmas, block)
     np.testing.assert_allclose(np.asarray(out), c_skip[:, None, None, None] * np.asarray(x), rtol=1e-6)
@@ -117,13 +120,13 @@ class EchoTask(generation.Generation):
 
 @pytest.mark.parametrize('grid', ['quantile', 'karras'])
 def test_each_of_50_steps_runs_only_the_block_that_owns_its_sigma(grid):
-  plan = diffusion.LogNormalPartition(3)
+  plan = partitions.LogNormalPartition(3)
   task = EchoTask(num_classes=4, image_shape=(1, 1, 2))
   _, trajectory = sampler.sample_loop(task, BlockEcho(3), jnp.zeros((2,), jnp.int32), jax.random.key(0),
                                       partition=plan, num_steps=50, grid=grid, return_trajectory=True)
   ran, levels = np.asarray(trajectory[:, 0, 0, 0, 0]), np.asarray(trajectory[:, 0, 0, 0, 1])
   np.testing.assert_allclose(levels, plan.inference_levels(50, grid), rtol=1e-6)
-  bounds = diffusion.block_sigmas(3)  # Block b owns [bounds[B−1−b], bounds[B−b]]: high σ → block 0.
+  bounds = partitions.block_sigmas(3)  # Block b owns [bounds[B−1−b], bounds[B−b]]: high σ → block 0.
   for b in range(3):
     own = levels[ran == b]
     assert len(own) > 0
@@ -145,7 +148,7 @@ def test_heun_is_more_accurate_than_euler_on_an_exact_denoiser():
     def estimate(self, model, out, block):
       return out
 
-  plan = diffusion.LogNormalPartition(3)
+  plan = partitions.LogNormalPartition(3)
   task = Identity(num_classes=2, image_shape=(4, 4, 1))
   labels = jnp.zeros((64,), jnp.int32)
   levels = plan.inference_levels(20, 'karras')
@@ -161,7 +164,7 @@ def test_heun_is_more_accurate_than_euler_on_an_exact_denoiser():
 
 
 def test_karras_grid_endpoints_and_shape():
-  levels = diffusion.karras_sigmas(7)
+  levels = partitions.karras_sigmas(7)
   np.testing.assert_allclose([levels[0], levels[-1]], [80.0, 0.002], rtol=1e-9)
   assert np.all(np.diff(levels) < 0)
   # Equal steps in σ^(1/7).
@@ -198,7 +201,7 @@ def test_sampling_a_dblock_model_matches_step_by_step_calls(stack):
   config = tiny_dit_config('dit_dblock')
   model = jitter(models.DiffusionBlocksDiT(config.model, [1, 1, 1], image_size=8, channels=1, num_classes=4,
                                            rngs=nnx.Rngs(0), stack=stack))
-  plan = diffusion.LogNormalPartition(3)
+  plan = partitions.LogNormalPartition(3)
   task = generation.Generation(num_classes=4, image_shape=SHAPE)
   labels, key = jnp.array([0, 3]), jax.random.key(5)
   out = sampler.sample_loop(task, model, labels, key, partition=plan, num_steps=6, cfg_scale=1.5)
@@ -268,7 +271,7 @@ def test_cifar10_generation_configs_train_resume_evaluate_sample_under_mock_data
   """Both CIFAR-10 configs train and score against a classifier trained first; the block-wise one also resumes,
   evaluates and samples (the end-to-end one shares that code: it is not run twice, to keep the suite short)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from diffblocks_jax import evaluation, train  # pylint: disable=g-import-not-at-top
+  from diffblocks_jax.training import evaluation, train  # pylint: disable=g-import-not-at-top
   classifier = str(tmp_path / 'vit')
   with tfds.testing.mock_data(num_examples=16):
     train.train_and_evaluate(cifar10_config('cifar10_vit.py'), classifier)
@@ -295,7 +298,7 @@ def test_cifar10_generation_configs_train_resume_evaluate_sample_under_mock_data
 
 def test_classifier_workdir_errors_name_the_field(tmp_path):
   import types  # pylint: disable=g-import-not-at-top
-  from diffblocks_jax import evaluation  # pylint: disable=g-import-not-at-top
+  from diffblocks_jax.training import evaluation  # pylint: disable=g-import-not-at-top
   config = cifar10_config('cifar10_dit.py', str(tmp_path / 'missing'))
   with pytest.raises(config_lib.ConfigError, match=r'config.eval.classifier_workdir=.*missing.*config.json'):
     evaluation.load_classifier(types.SimpleNamespace(config=config))

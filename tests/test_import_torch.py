@@ -13,7 +13,8 @@ from scipy import special
 
 
 from diffblocks_jax import config as config_lib
-from diffblocks_jax import import_torch, models
+from diffblocks_jax import models
+from diffblocks_jax.tools import import_torch
 from conftest import HANG_GUARD_S
 
 HIDDEN, HEADS, LAYERS, MLP, PATCH, IMAGE, CHANNELS, CLASSES = 24, 4, 4, 48, 4, 8, 3, 10
@@ -264,13 +265,11 @@ def test_lightning_checkpoint_without_torch_says_what_to_do(tmp_path):
     import_torch.load_state_dict(str(tmp_path / 'last.ckpt'))
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(REPO, 'diffblocks_jax', 'checkpointing.py')),
-                    reason='diffblocks_jax/checkpointing.py not written yet')
 def test_cli_writes_step_zero_once(tmp_path):
   np.savez(tmp_path / 'w.npz', **release_state_dict('dblock'))
   overrides = [f'--config.model.{k}={v}' for k, v in dict(
       hidden_size=HIDDEN, num_heads=HEADS, num_layers=LAYERS, mlp_dim=MLP, num_blocks=2).items()]
-  cmd = [sys.executable, '-m', 'diffblocks_jax.import_torch', f'--input={tmp_path / "w.npz"}',
+  cmd = [sys.executable, '-m', 'diffblocks_jax.tools.import_torch', f'--input={tmp_path / "w.npz"}',
          f'--config={REPO}/configs/testing.py:dblock', f'--workdir={tmp_path / "run"}', *overrides]
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
@@ -326,14 +325,15 @@ _KILLED_IMPORT = """
 import os, sys
 sys.path.insert(0, sys.argv[1])
 from test_import_torch import release_state_dict, small_config
-from diffblocks_jax import checkpointing, import_torch
+from diffblocks_jax.tools import import_torch
+from diffblocks_jax.training import checkpointing
 checkpointing.Checkpointer.wait = lambda self: os._exit(9)  # Killed while Orbax writes its tmp folder.
 import_torch.import_checkpoint(sys.argv[2], small_config('dblock'), sys.argv[3])
 """
 
 
 def test_a_killed_import_does_not_block_the_retry(tmp_path):
-  from diffblocks_jax import checkpointing
+  from diffblocks_jax.training import checkpointing
   path, workdir = _saved(tmp_path, release_state_dict('dblock')), tmp_path / 'run'
   killed = subprocess.run([sys.executable, '-c', _KILLED_IMPORT, os.path.dirname(__file__), path, str(workdir)],
                           cwd=REPO, env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True, text=True,

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from diffblocks_jax import diffusion, language
+from diffblocks_jax.core import partitions
+from diffblocks_jax.training import language
 from diffblocks_jax.core import sampler
 from diffblocks_jax.tasks import autoregressive, masked_lm
 
@@ -21,7 +22,7 @@ from diffblocks_jax.tasks import autoregressive, masked_lm
 def test_masking_partition_numbers():
   """B = 3, γ = 0.05: t_b = b/3, each slice widened by 5 % of its width (1/60) per side, clipped to [0, 1];
   block 0 owns the most-masked slice."""
-  plan = diffusion.MaskingPartition(3, overlap=0.05, mask_id=7)
+  plan = partitions.MaskingPartition(3, overlap=0.05, mask_id=7)
   np.testing.assert_allclose(plan.boundaries(), [0, 1 / 3, 2 / 3, 1])
   np.testing.assert_allclose(plan.widened_ranges(), [[0.0, 1 / 3 + 1 / 60], [1 / 3 - 1 / 60, 2 / 3 + 1 / 60],
                                                      [2 / 3 - 1 / 60, 1.0]])
@@ -140,7 +141,7 @@ class RecordingModel(nnx.Module):
 
 def test_unmasking_sampler_calls_each_block_only_inside_its_slice():
   calls = []
-  plan = diffusion.MaskingPartition(B, overlap=0.05, mask_id=V)
+  plan = partitions.MaskingPartition(B, overlap=0.05, mask_id=V)
   out = masked_lm.unmask(masked_lm.MaskedLM(V), RecordingModel(B, calls), jax.random.key(0), 2, 5, partition=plan,
                          num_steps=6)
   jax.effects_barrier()
@@ -156,7 +157,7 @@ def test_unmasking_sampler_calls_each_block_only_inside_its_slice():
 @pytest.mark.parametrize('solver', autoregressive.AR_SOLVERS)
 def test_autoregressive_sampler_calls_each_block_only_for_its_own_sigma(solver):
   calls = []
-  plan = diffusion.LogNormalPartition(4, overlap=0.1)
+  plan = partitions.LogNormalPartition(4, overlap=0.1)
   seq_len, steps = 3, 8
   out = autoregressive.denoise_tokens(autoregressive.Autoregressive(), RecordingModel(4, calls), jax.random.key(0),
                                       2, seq_len, partition=plan, num_steps=steps, solver=solver)

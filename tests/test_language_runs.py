@@ -43,7 +43,7 @@ def shrunk(name: str, corpus: str, **fields):
 
 @pytest.mark.slow
 def test_masked_configs_train_and_evaluate(tmp_path):
-  from diffblocks_jax import evaluation, train  # pylint: disable=g-import-not-at-top
+  from diffblocks_jax.training import evaluation, train  # pylint: disable=g-import-not-at-top
   corpus, uniform = corpus_file(tmp_path)
   results = {}
   for name in ('text_mdm.py', 'text_mdm_dblock.py', 'text8_mdm_dblock.py'):
@@ -69,7 +69,7 @@ def test_masked_configs_train_and_evaluate(tmp_path):
 @pytest.mark.slow
 def test_autoregressive_configs_train_score_and_sample(tmp_path):
   """'ar' first (the scorer), then 'ar_dblock' scored by it; --mode=sample through the CLI prints samples."""
-  from diffblocks_jax import train  # pylint: disable=g-import-not-at-top
+  from diffblocks_jax.training import train  # pylint: disable=g-import-not-at-top
   corpus, uniform = corpus_file(tmp_path)
   scorer = str(tmp_path / 'ar')
   baseline = train.train_and_evaluate(shrunk('text_ar.py', corpus), scorer)
@@ -108,7 +108,7 @@ def test_language_settings_errors_name_the_field(tmp_path):
   with pytest.raises(config_lib.ConfigError, match="solver='ancestral' is the sampler of model.kind 'ar_dblock'"):
     config_lib.validate(masked)
   # The scorer must be an end-to-end 'ar' run on the same data.
-  from diffblocks_jax import language  # pylint: disable=g-import-not-at-top
+  from diffblocks_jax.training import language  # pylint: disable=g-import-not-at-top
   import types  # pylint: disable=g-import-not-at-top
   config = config_lib.load_file(os.path.join(ROOT, 'configs', 'text_ar_dblock.py'))
   config.eval.scorer_workdir = str(tmp_path / 'missing')
@@ -138,7 +138,7 @@ def test_text_configs_hold_what_was_measured(tmp_path):
   2.4-2.9x, which misses the issue's 2x, so pinned here is what held, below 3.5x; with text_ar_dblock_tuned.py
   ('matched' noise plan, ancestral sampler) 1.4x, within the issue's 2x (README). Neither model collapsed
   (sample entropy above 3 bits; held-out windows have 3.45)."""
-  from diffblocks_jax import train  # pylint: disable=g-import-not-at-top
+  from diffblocks_jax.training import train  # pylint: disable=g-import-not-at-top
   results = {}
   for name in ('text_mdm', 'text_mdm_dblock', 'text_ar', 'text_ar_dblock', 'text_ar_dblock_tuned'):
     config = config_lib.load_file(os.path.join(ROOT, 'configs', f'{name}.py'))

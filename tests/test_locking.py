@@ -13,13 +13,13 @@ import chex
 import pytest
 
 from diffblocks_jax import config as config_lib
-from diffblocks_jax import experiment, locking, train
+from diffblocks_jax.training import experiment, locking, train
 from conftest import HANG_GUARD_S
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HOLD = """
 import sys, time
-from diffblocks_jax import locking
+from diffblocks_jax.training import locking
 with locking.WorkdirLock(sys.argv[1]):
   print('held', flush=True)
   time.sleep(600)

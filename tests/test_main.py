@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from diffblocks_jax import checkpointing, cli, reporting
+from diffblocks_jax import cli
+from diffblocks_jax.training import checkpointing, reporting
 from diffblocks_jax import config as config_lib
 from conftest import HANG_GUARD_S
 
@@ -78,7 +79,7 @@ def test_library_info_lines_are_dropped_and_their_warnings_kept():
   orbax = os.path.join('site-packages', 'orbax', 'checkpoint', 'checkpoint_manager.py')
   assert not handler.filter(record(orbax, logging.INFO))
   assert handler.filter(record(orbax, logging.WARNING))
-  assert handler.filter(record(os.path.join(ROOT, 'diffblocks_jax', 'train.py'), logging.INFO))
+  assert handler.filter(record(os.path.join(ROOT, 'diffblocks_jax', 'training', 'train.py'), logging.INFO))
 
 
 # ----------------------------------------------------------------------------------------------- subprocesses

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from diffblocks_jax import config as config_lib
-from diffblocks_jax import diffusion
+from diffblocks_jax.core import partitions
 from diffblocks_jax.data import input_pipeline as ip
 from diffblocks_jax.data.dataset import DataError
 from diffblocks_jax.tools import noise_plan
@@ -28,16 +28,16 @@ def _dblock_config(**diffusion_overrides):
 # ------------------------------------------------------------------------------------------ the plan
 
 def test_matched_p_mean_puts_the_samplers_first_sigma_three_p_std_above_it():
-  assert diffusion.matched_p_mean() == pytest.approx(MATCHED, abs=1e-12)
-  assert diffusion.matched_p_mean(80.0, 1.2) == pytest.approx(0.7820266, abs=1e-6)
-  assert diffusion.matched_p_mean(80.0, 0.8) == pytest.approx(math.log(80) - 2.4)
-  edm = diffusion.resolve_noise_plan(diffusion.EDM(p_mean=-1.2), 'matched')
+  assert partitions.matched_p_mean() == pytest.approx(MATCHED, abs=1e-12)
+  assert partitions.matched_p_mean(80.0, 1.2) == pytest.approx(0.7820266, abs=1e-6)
+  assert partitions.matched_p_mean(80.0, 0.8) == pytest.approx(math.log(80) - 2.4)
+  edm = partitions.resolve_noise_plan(partitions.EDM(p_mean=-1.2), 'matched')
   assert (math.log(edm.sigma_max) - edm.p_mean) / edm.p_std == pytest.approx(3.0)
   assert 1 - edm.cdf(edm.sigma_max) == pytest.approx(1.3499e-3, rel=1e-3)  # The three-sigma tail.
   # The release's plan leaves σ_max 4.65 P_std out, where the log-normal has 2e-6 of its mass.
-  assert 1 - diffusion.DEFAULT_EDM.cdf(80.0) < 2e-6
+  assert 1 - partitions.DEFAULT_EDM.cdf(80.0) < 2e-6
   with pytest.raises(ValueError, match='noise_plan'):
-    diffusion.resolve_noise_plan(diffusion.DEFAULT_EDM, 'tuned')
+    partitions.resolve_noise_plan(partitions.DEFAULT_EDM, 'tuned')
 
 
 @pytest.mark.parametrize('num_blocks, boundaries, block0_range', [
@@ -46,30 +46,30 @@ def test_matched_p_mean_puts_the_samplers_first_sigma_three_p_std_above_it():
     (4, [0.002, 0.9717702, 2.1814645, 4.891971, 80.0], [4.2540595, 80.0]),
 ])
 def test_matched_boundaries_and_block0_range_are_pinned(num_blocks, boundaries, block0_range):
-  edm = diffusion.EDM(p_mean=MATCHED)
-  np.testing.assert_allclose(diffusion.block_sigmas(num_blocks, edm), boundaries, rtol=1e-6)
-  np.testing.assert_allclose(diffusion.widened_ranges(num_blocks, 0.05, edm)[-1], block0_range, rtol=1e-6)
+  edm = partitions.EDM(p_mean=MATCHED)
+  np.testing.assert_allclose(partitions.block_sigmas(num_blocks, edm), boundaries, rtol=1e-6)
+  np.testing.assert_allclose(partitions.widened_ranges(num_blocks, 0.05, edm)[-1], block0_range, rtol=1e-6)
 
 
 def test_matched_sampler_sigmas_are_pinned_and_route_the_first_step_to_block_0():
-  edm = diffusion.EDM(p_mean=MATCHED)
-  np.testing.assert_allclose(diffusion.inference_sigmas(3, edm), [80.0, 2.1814645, 0.002], rtol=1e-6)
-  np.testing.assert_allclose(diffusion.inference_sigmas(5, edm), [80.0, 4.891971, 2.1814645, 0.9717702, 0.002],
+  edm = partitions.EDM(p_mean=MATCHED)
+  np.testing.assert_allclose(partitions.inference_sigmas(3, edm), [80.0, 2.1814645, 0.002], rtol=1e-6)
+  np.testing.assert_allclose(partitions.inference_sigmas(5, edm), [80.0, 4.891971, 2.1814645, 0.9717702, 0.002],
                              rtol=1e-6)
   for num_blocks in (2, 3, 4, 6):
     for num_steps in (num_blocks, 2 * num_blocks):
       for grid in ('quantile', 'karras'):  # Every grid starts at σ_max: the criterion holds for all.
-        first = diffusion.LogNormalPartition(num_blocks, edm=edm).inference_levels(num_steps, grid)[0]
-        assert first == pytest.approx(80.0) and diffusion.route_static(first, num_blocks, edm) == 0
+        first = partitions.LogNormalPartition(num_blocks, edm=edm).inference_levels(num_steps, grid)[0]
+        assert first == pytest.approx(80.0) and partitions.route_static(first, num_blocks, edm) == 0
 
 
 def test_the_config_option_resolves_p_mean_wherever_the_edm_is_built():
   config = _dblock_config(noise_plan='matched', p_mean=-1.2)
-  assert diffusion.EDM.from_config(config.diffusion).p_mean == pytest.approx(MATCHED)
-  assert diffusion.EDM.from_config(_dblock_config(p_mean=0.5).diffusion).p_mean == 0.5  # 'release'
-  lines = diffusion.noise_plan_for(config, 3)
+  assert partitions.EDM.from_config(config.diffusion).p_mean == pytest.approx(MATCHED)
+  assert partitions.EDM.from_config(_dblock_config(p_mean=0.5).diffusion).p_mean == 0.5  # 'release'
+  lines = partitions.noise_plan_for(config, 3)
   assert lines[0].startswith("noise plan 'matched': P_mean 0.7820") and '3.00 P_std above' in lines[0]
-  assert lines[1:] == diffusion.noise_plan(3, 3, diffusion.EDM(p_mean=MATCHED))
+  assert lines[1:] == partitions.noise_plan(3, 3, partitions.EDM(p_mean=MATCHED))
   assert 'median 6.22, 26.6 % above σ = 10' in lines[1]
   report = noise_plan.plan_report(config, 'release')  # The tool reports the configured value for 'release'.
   assert 'P_mean 0.7820' in report[0] and 'P_mean -1.2000' in noise_plan.plan_report(_dblock_config(), None)[0]
@@ -168,7 +168,7 @@ def test_sweep_trains_every_candidate_on_the_validation_split_only(tmp_path, mon
     assert config.data.validation_fraction == 0.2 and config.train.num_epochs == 3
     assert not set(_rows(data.test_images, np.zeros(len(data.test_images)))) & set(
         _rows(test_images, np.zeros(len(test_images))))
-    seen.append((workdir, config.seed, diffusion.EDM.from_config(config.diffusion).p_mean,
+    seen.append((workdir, config.seed, partitions.EDM.from_config(config.diffusion).p_mean,
                  config.diffusion.loss_weighting))
     return {'eval/accuracy': {-1.2: 0.5, round(MATCHED, 5): 0.9}.get(round(seen[-1][2], 5), 0.7) + 0.01 * config.seed}
 
@@ -199,7 +199,7 @@ def test_the_tuned_text_config_keeps_both_ends_of_the_sampler_grid_in_the_traini
   config = config_lib.load_file(str(pathlib.Path(__file__).resolve().parents[1] / 'configs' /
                                     'text_ar_dblock_tuned.py'))
   config_lib.validate(config)
-  plan = diffusion.LogNormalPartition.from_config(config_lib.num_blocks(config), config.diffusion)
+  plan = partitions.LogNormalPartition.from_config(config_lib.num_blocks(config), config.diffusion)
   edm = plan.edm
   levels = plan.inference_levels(4)
   z = lambda sigma: (math.log(sigma) - edm.p_mean) / edm.p_std

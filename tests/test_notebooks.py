@@ -16,7 +16,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from diffblocks_jax import reporting
+from diffblocks_jax.training import reporting
 from conftest import HANG_GUARD_S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,7 +31,8 @@ FAST_ENV = {'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '2',
 # compiled functions, fewer host round trips; an evaluation every half epoch gives the curves several points.
 TINY_DIGITS = '''
 import sys
-from diffblocks_jax import config as config_lib, train
+from diffblocks_jax import config as config_lib
+from diffblocks_jax.training import train
 
 def tiny_digits(kind, eval_every_epochs):
   config = config_lib.load_file('configs/testing.py:' + kind)
@@ -185,7 +186,8 @@ def test_generate_notebook_executes_and_draws(tmp_path):
 # evaluation every half epoch (the bound, its per-block terms, 2 samples).
 LANGUAGE_TRAIN_SCRIPT = '''
 import sys
-from diffblocks_jax import config as config_lib, train
+from diffblocks_jax import config as config_lib
+from diffblocks_jax.training import train
 from diffblocks_jax.data import text
 
 corpus, workdirs = sys.argv[1], sys.argv[2:]

@@ -37,7 +37,7 @@ def parallel_config(data_path: str = ''):
 
 def parallel_worker(workdir: str, out: str) -> None:
   import jax  # pylint: disable=g-import-not-at-top
-  from diffblocks_jax import checkpointing, evaluation, experiment, sharding, train# pylint: disable=g-import-not-at-top
+  from diffblocks_jax.training import checkpointing, evaluation, experiment, sharding, train# pylint: disable=g-import-not-at-top
   assert jax.device_count() == 3, jax.devices()
   rng = np.random.default_rng(0)
   data = os.path.join(workdir, 'data.npz')
@@ -128,7 +128,7 @@ def test_parallel_step_equals_each_block_trained_alone(tiny_config, tiny_model, 
 
 
 def test_too_few_devices_is_named():
-  from diffblocks_jax import sharding  # pylint: disable=g-import-not-at-top
+  from diffblocks_jax.training import sharding  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   config = parallel_config()
   config.model.num_layers = config.model.num_blocks = jax.device_count() + 1

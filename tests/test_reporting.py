@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from diffblocks_jax import reporting
+from diffblocks_jax.training import reporting
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from diffblocks_jax import checkpointing, reporting, train
+from diffblocks_jax.training import checkpointing, reporting, train
 from diffblocks_jax import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

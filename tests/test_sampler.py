@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 from scipy import stats
 
-from diffblocks_jax import diffusion
+from diffblocks_jax.core import partitions
 from diffblocks_jax.tasks import classification
 from diffblocks_jax.models import dblock
 
@@ -95,8 +95,8 @@ def test_sampler_visits_blocks(setup, denoise_calls, num_steps, blocks):
   predict = jax.jit(classification.make_predict_fn(graphdef, config))
   jax.block_until_ready(predict(params, images, jax.random.key(0)))
   assert denoise_calls == [(b, N) for b in blocks]
-  schedule = diffusion.inference_sigmas(num_steps or NUM_BLOCKS)
-  assert [diffusion.route_static(s, NUM_BLOCKS) for s in schedule] == blocks
+  schedule = partitions.inference_sigmas(num_steps or NUM_BLOCKS)
+  assert [partitions.route_static(s, NUM_BLOCKS) for s in schedule] == blocks
   denoise_calls.clear()
   predict(params, images, jax.random.key(1))  # cached: no retrace
   assert denoise_calls == []
@@ -115,10 +115,10 @@ def test_guidance_batches_unconditional_pass(setup, denoise_calls):
 def test_sample_matches_reference(setup, num_steps, normalized, cfg_scale):
   _, _, _, model, images = setup
   key = jax.random.key(3)
-  logits = classification.sample(model, images, key, num_steps=num_steps, edm=diffusion.DEFAULT_EDM,
+  logits = classification.sample(model, images, key, num_steps=num_steps, edm=partitions.DEFAULT_EDM,
                           normalized_embeddings=normalized, cfg_scale=cfg_scale)
   expected, visited = reference_sample(model, images, key, num_steps, normalized, cfg_scale)
-  assert visited == [diffusion.route_static(s, NUM_BLOCKS) for s in diffusion.inference_sigmas(num_steps)]
+  assert visited == [partitions.route_static(s, NUM_BLOCKS) for s in partitions.inference_sigmas(num_steps)]
   assert logits.shape == (N, 5)
   np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
 
@@ -141,7 +141,7 @@ def test_guided_logits(setup):
 def test_normalized_embeddings_change_predictions(setup):
   _, _, _, model, images = setup
   key = jax.random.key(4)
-  kwargs = dict(num_steps=3, edm=diffusion.DEFAULT_EDM)
+  kwargs = dict(num_steps=3, edm=partitions.DEFAULT_EDM)
   raw = classification.sample(model, images, key, normalized_embeddings=False, **kwargs)
   norm = classification.sample(model, images, key, normalized_embeddings=True, **kwargs)
   assert np.max(np.abs(np.asarray(raw) - np.asarray(norm))) > 1e-3
@@ -152,7 +152,7 @@ def test_normalized_embeddings_change_predictions(setup):
 
 def test_trajectory(setup):
   _, _, _, model, images = setup
-  logits, traj = classification.sample(model, images, jax.random.key(2), num_steps=3, edm=diffusion.DEFAULT_EDM,
+  logits, traj = classification.sample(model, images, jax.random.key(2), num_steps=3, edm=partitions.DEFAULT_EDM,
                                 return_trajectory=True)
   assert traj.shape == (N, 3, 5)
   np.testing.assert_allclose(traj.sum(-1), 1.0, rtol=1e-5)

@@ -57,7 +57,7 @@ def tiny_config(kind: str = 'vit'):
 def _train(config, data, num_steps: int):
   """Loss per step and final parameters of `num_steps` steps on the config's mesh."""
   import jax  # pylint: disable=g-import-not-at-top
-  from diffblocks_jax import experiment, train  # pylint: disable=g-import-not-at-top
+  from diffblocks_jax.training import experiment, train  # pylint: disable=g-import-not-at-top
   exp = experiment.experiment_from_data(config, data)
   state = exp.init_state()
   arrays = experiment.put_train_split(exp)
@@ -71,7 +71,7 @@ def _train(config, data, num_steps: int):
 
 def data_parallel_worker(out: str, kind: str) -> None:
   import jax  # pylint: disable=g-import-not-at-top
-  from diffblocks_jax import sharding  # pylint: disable=g-import-not-at-top
+  from diffblocks_jax.training import sharding  # pylint: disable=g-import-not-at-top
   assert jax.device_count() == 8, jax.devices()
   data = synthetic_data()
   results = {}
@@ -124,7 +124,7 @@ def test_batch_not_divisible_by_devices_is_named():
 
 
 def test_global_rows_skip_padding():
-  from diffblocks_jax import sharding  # pylint: disable=g-import-not-at-top
+  from diffblocks_jax.training import sharding  # pylint: disable=g-import-not-at-top
   # Two processes with 5 examples each, padded to 6 rows: example 5 is process 1's first row (row 6).
   np.testing.assert_array_equal(np.asarray(sharding.global_rows(np.arange(10), 5, 6)),
                                 [0, 1, 2, 3, 4, 6, 7, 8, 9, 10])
@@ -132,7 +132,7 @@ def test_global_rows_skip_padding():
 
 def test_single_device_mesh_and_split():
   import jax  # pylint: disable=g-import-not-at-top
-  from diffblocks_jax import sharding  # pylint: disable=g-import-not-at-top
+  from diffblocks_jax.training import sharding  # pylint: disable=g-import-not-at-top
   config = tiny_config()
   mesh = sharding.make_mesh(config)
   assert mesh.axis_names == ('data',) and mesh.size == jax.device_count()

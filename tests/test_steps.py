@@ -12,7 +12,7 @@ import optax
 import pytest
 from flax import nnx
 
-from diffblocks_jax import diffusion
+from diffblocks_jax.core import partitions
 from diffblocks_jax.core import blocks, optim, steps
 from diffblocks_jax.tasks import classification
 
@@ -112,7 +112,7 @@ def test_dblock_step_is_deterministic(dblock_setup, batch, jitter_params):
 def step_draws(setup, state):
   """The step's own random draws (SPEC §5.1-5.5): σ, block, label noise and the dropout key."""
   sigma_key, noise_key, _, dropout_key = steps.step_keys(state, 4)
-  sigmas, block = diffusion.sample_training_sigmas(sigma_key, BATCH, NUM_BLOCKS, setup.config.diffusion.overlap)
+  sigmas, block = partitions.sample_training_sigmas(sigma_key, BATCH, NUM_BLOCKS, setup.config.diffusion.overlap)
   noise = jax.random.normal(noise_key, (BATCH, setup.config.model.hidden_size), jnp.float32)
   return sigmas, block, noise, dropout_key
 
@@ -185,8 +185,8 @@ def dblock_eval_ce(setup, params, images, labels):
   table = np.asarray(params['shared']['label_embed'], np.float64)[np.asarray(labels)]
   z = table / np.linalg.norm(table, axis=-1, keepdims=True)
   out = []
-  for sigma in diffusion.inference_sigmas(NUM_BLOCKS):
-    b = diffusion.route_static(sigma, NUM_BLOCKS)
+  for sigma in partitions.inference_sigmas(NUM_BLOCKS):
+    b = partitions.route_static(sigma, NUM_BLOCKS)
     s = jnp.full((BATCH,), sigma, jnp.float32)
     logits = setup.denoise(params, images, jnp.asarray(z + sigma * noise, jnp.float32), s, None, b)
     out.append(float(optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()))

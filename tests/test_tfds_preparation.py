@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from diffblocks_jax import config as config_lib
-from diffblocks_jax import checkpointing
+from diffblocks_jax.training import checkpointing
 from diffblocks_jax.data import input_pipeline as ip
 from diffblocks_jax.data import tfds_preparation
 from diffblocks_jax.data.dataset import DataError

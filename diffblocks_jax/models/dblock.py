@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from diffblocks_jax import diffusion
+from diffblocks_jax.models import edm
 from diffblocks_jax.core import blocks
 from diffblocks_jax.models import vit
 
@@ -58,14 +58,14 @@ class SharedParts(nnx.Module):
     self.head = vit.dense(h, num_classes, dtype, rngs, zero=True)
 
   def condition(self, c_noise: jax.Array) -> jax.Array:
-    t = diffusion.timestep_embedding(c_noise, TIME_FREQUENCY_DIM).astype(self.time_fc1.dtype)
+    t = edm.timestep_embedding(c_noise, TIME_FREQUENCY_DIM).astype(self.time_fc1.dtype)
     return jax.nn.silu(self.time_fc2(jax.nn.silu(self.time_fc1(t))))
 
   def __call__(self, layers: blocks.Block, images: jax.Array, z_t: jax.Array, sigmas: jax.Array, *,
                key: jax.Array | None = None) -> jax.Array:
     """Logits of `layers` for NHWC images, noisy labels z_t (N, hidden) and σ (N,) (SPEC §3)."""
     keys = vit.KeyStream(key)
-    c_skip, c_out, c_in, c_noise = diffusion.preconditioning(sigmas)
+    c_skip, c_out, c_in, c_noise = edm.preconditioning(sigmas)
     x = self.patch(images.astype(self.dtype))
     label_token = (c_in[:, None] * z_t)[:, None, :].astype(x.dtype)
     if self.label_token == 'replace':

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from diffblocks_jax import diffusion
+from diffblocks_jax.models import edm
 from diffblocks_jax.core import blocks
 from diffblocks_jax.models import vit
 
@@ -80,7 +80,7 @@ class DiTParts(nnx.Module):
     self.final_linear = vit.dense(h, p * p * channels, dtype, rngs, zero=True)
 
   def condition(self, c_noise: jax.Array, labels: jax.Array) -> jax.Array:
-    t = diffusion.timestep_embedding(c_noise, TIME_FREQUENCY_DIM).astype(self.dtype)
+    t = edm.timestep_embedding(c_noise, TIME_FREQUENCY_DIM).astype(self.dtype)
     t = self.time_fc2(jax.nn.silu(self.time_fc1(t)))
     return t + self.class_embed[...].astype(self.dtype)[labels]
 
@@ -93,7 +93,7 @@ class DiTParts(nnx.Module):
                key: jax.Array | None = None) -> jax.Array:
     """D(x_t; σ, labels) for NHWC noisy images x_t, σ (N,) and int labels (N,) (num_classes = null class)."""
     keys = vit.KeyStream(key)
-    c_skip, c_out, c_in, c_noise = diffusion.preconditioning(sigmas, self.sigma_data)
+    c_skip, c_out, c_in, c_noise = edm.preconditioning(sigmas, self.sigma_data)
     expand = lambda c: c.reshape(-1, 1, 1, 1)
     tokens = self.patch((expand(c_in) * x_t).astype(self.dtype))
     tokens = tokens + jnp.asarray(sincos_positions(self.grid, tokens.shape[-1]), tokens.dtype)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from diffblocks_jax import diffusion
+from diffblocks_jax.models import edm
 from diffblocks_jax.core import blocks
 from diffblocks_jax.models import dit, vit
 
@@ -141,7 +141,7 @@ class TimeEmbedder(nnx.Module):
     self.fc2 = vit.dense(hidden, hidden, dtype, rngs)
 
   def __call__(self, level: jax.Array) -> jax.Array:
-    t = diffusion.timestep_embedding(level, TIME_FREQUENCY_DIM).astype(self.fc1.dtype)
+    t = edm.timestep_embedding(level, TIME_FREQUENCY_DIM).astype(self.fc1.dtype)
     return self.fc2(jax.nn.silu(self.fc1(t)))
 
 
@@ -224,7 +224,7 @@ class ARDiffusionParts(nnx.Module):
     keys = vit.KeyStream(key)
     length = tokens.shape[1]
     _check_length(length, self.seq_len)
-    _, _, c_in, c_noise = diffusion.preconditioning(sigmas, self.sigma_data)
+    _, _, c_in, c_noise = edm.preconditioning(sigmas, self.sigma_data)
     clean = self.token_embed[...][tokens].astype(self.dtype)
     noisy = self.in_proj((c_in[:, None, None] * z_t).astype(self.dtype))
     x = vit.dropout(jnp.concatenate([clean, noisy], axis=1), self.dropout, keys())

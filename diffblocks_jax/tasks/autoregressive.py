@@ -22,7 +22,7 @@ import optax
 from flax import nnx
 
 from diffblocks_jax import config as config_lib
-from diffblocks_jax import diffusion
+from diffblocks_jax.core import partitions
 from diffblocks_jax.core import blocks, sampler, steps
 from diffblocks_jax.tasks.masked_lm import sample_tokens
 
@@ -54,7 +54,7 @@ class Autoregressive:
     return model.denoise(tokens.astype(jnp.int32), z_t, sigmas, block, key=key)
 
   def weight(self, sigmas) -> jax.Array:
-    w = diffusion.loss_weight(sigmas, self.sigma_data)
+    w = partitions.loss_weight(sigmas, self.sigma_data)
     return jnp.minimum(w, self.max_loss_weight) if self.max_loss_weight else w
 
   def loss(self, logits, tokens, sigmas):
@@ -150,9 +150,9 @@ def make_task(config, data=None) -> Autoregressive:
   return Autoregressive.from_config(config)
 
 
-def partition(config, data=None) -> diffusion.LogNormalPartition:
+def partition(config, data=None) -> partitions.LogNormalPartition:
   del data
-  return diffusion.LogNormalPartition.from_config(config_lib.num_blocks(config), config.diffusion)
+  return partitions.LogNormalPartition.from_config(config_lib.num_blocks(config), config.diffusion)
 
 
 def train_batch(key, rows, data_config):

@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 
 from diffblocks_jax import config as config_lib
-from diffblocks_jax import diffusion
+from diffblocks_jax.core import partitions
 from diffblocks_jax.core import blocks, sampler, steps
 from diffblocks_jax.data import input_pipeline
 
@@ -54,7 +54,7 @@ class Classification:
   def loss(self, logits, labels, sigmas):
     """Weighted denoising cross-entropy (SPEC §5.5-5.6); aux: the plain cross-entropy."""
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    w = diffusion.loss_weight(sigmas, self.sigma_data)
+    w = partitions.loss_weight(sigmas, self.sigma_data)
     if self.loss_weighting == 'per_sample':
       return jnp.mean(w * ce), {'ce': ce.mean()}
     return jnp.mean(w) * jnp.mean(ce), {'ce': ce.mean()}  # What the release computes, through a broadcast.
@@ -87,9 +87,9 @@ def make_task(config, data=None) -> Classification:
   return Classification.from_config(config)
 
 
-def partition(config, data=None) -> diffusion.LogNormalPartition:
+def partition(config, data=None) -> partitions.LogNormalPartition:
   del data  # The EDM plan needs nothing from the data.
-  return diffusion.LogNormalPartition.from_config(config_lib.num_blocks(config), config.diffusion)
+  return partitions.LogNormalPartition.from_config(config_lib.num_blocks(config), config.diffusion)
 
 
 def train_batch(key, rows, data_config):
@@ -110,11 +110,11 @@ def make_train_step(graphdef, config, schedule, *, data=None, block: int | None 
                                placement=placement)
 
 
-def sample(model, images, key, *, num_steps: int, edm: diffusion.EDM = diffusion.DEFAULT_EDM,
+def sample(model, images, key, *, num_steps: int, edm: partitions.EDM = partitions.DEFAULT_EDM,
            normalized_embeddings: bool = False, cfg_scale: float = 1.0, return_trajectory: bool = False):
   """Final logits of the Euler sampler; with `return_trajectory`, also the class probabilities per step."""
   task = Classification(edm.sigma_data, normalized_embeddings=normalized_embeddings)
-  plan = diffusion.LogNormalPartition(model.num_blocks, edm=edm)
+  plan = partitions.LogNormalPartition(model.num_blocks, edm=edm)
   out = sampler.sample(task, model, images, key, partition=plan, num_steps=num_steps, cfg_scale=cfg_scale,
                        return_trajectory=return_trajectory)
   if not return_trajectory:
@@ -136,7 +136,7 @@ def make_predict_fn(graphdef, config, *, num_steps: int | None = None, cfg_scale
   n = num_steps or config.eval.num_inference_steps or config_lib.num_blocks(config)
   s = config.eval.cfg_scale if cfg_scale is None else cfg_scale
   norm = config.eval.normalized_embeddings if normalized_embeddings is None else normalized_embeddings
-  edm = diffusion.EDM.from_config(config.diffusion)
+  edm = partitions.EDM.from_config(config.diffusion)
 
   def predict(params, images, key):
     return sample(nnx.merge(graphdef, params), images, key, num_steps=n, edm=edm, normalized_embeddings=norm,

@@ -20,7 +20,7 @@ from flax import nnx
 from scipy import linalg
 
 from diffblocks_jax import config as config_lib
-from diffblocks_jax import diffusion
+from diffblocks_jax.core import partitions
 from diffblocks_jax.core import blocks, sampler, steps
 from diffblocks_jax.data import input_pipeline
 
@@ -30,12 +30,12 @@ class Generation:
   """What the core asks of a task, for images: inputs are class labels, targets NHWC images in [-1, 1]."""
   num_classes: int
   image_shape: tuple[int, int, int]  # (H, W, C)
-  edm: diffusion.EDM = diffusion.DEFAULT_EDM
+  edm: partitions.EDM = partitions.DEFAULT_EDM
   condition_dropout: float = 0.0  # The end-to-end loss drops labels itself (the block step does it for blocks).
 
   @classmethod
   def from_config(cls, config, *, num_classes: int, image_shape) -> Generation:
-    return cls(int(num_classes), tuple(int(n) for n in image_shape), diffusion.EDM.from_config(config.diffusion),
+    return cls(int(num_classes), tuple(int(n) for n in image_shape), partitions.EDM.from_config(config.diffusion),
                float(config.diffusion.class_dropout_prob))
 
   def target(self, model, images, block) -> jax.Array:
@@ -52,7 +52,7 @@ class Generation:
   def loss(self, denoised, images, sigmas):
     """EDM's loss: w(σ)·mean‖D(x_t; σ) − x₀‖² per image, averaged; aux: the unweighted squared error."""
     err = jnp.mean(jnp.square(denoised - images.astype(jnp.float32)), axis=(1, 2, 3))
-    return jnp.mean(diffusion.loss_weight(sigmas, self.edm.sigma_data) * err), {'mse': err.mean()}
+    return jnp.mean(partitions.loss_weight(sigmas, self.edm.sigma_data) * err), {'mse': err.mean()}
 
   def estimate(self, model, denoised, block) -> jax.Array:
     del model, block
@@ -84,10 +84,10 @@ def make_task(config, data) -> Generation:
                                 image_shape=(data.image_size, data.image_size, data.channels))
 
 
-def partition(config, data=None) -> diffusion.LogNormalPartition:
+def partition(config, data=None) -> partitions.LogNormalPartition:
   """B blocks for 'dit_dblock'; one block owning every σ for the end-to-end 'dit' (its sampler's routing)."""
   del data  # The EDM plan needs nothing from the data.
-  return diffusion.LogNormalPartition.from_config(config_lib.num_blocks(config), config.diffusion)
+  return partitions.LogNormalPartition.from_config(config_lib.num_blocks(config), config.diffusion)
 
 
 def train_batch(key, rows, data_config):

@@ -7,7 +7,7 @@ continuous-time bound, per token:
 
     NELBO = ∫₀¹ (1/t) E_{x_t} [ Σ_{i masked} −log p(x_i | x_t) ] dt / L.
 
-DiffusionBlocks cuts t into B slices, t_b = b/B (diffusion.MaskingPartition; block 0 owns the most-masked slice,
+DiffusionBlocks cuts t into B slices, t_b = b/B (partitions.MaskingPartition; block 0 owns the most-masked slice,
 the first layers). The bound splits the same way, one integral per slice: `nelbo_terms` estimates each with t
 drawn inside the slice and routed to its block, so the terms add up to the whole bound (eval/bpc).
 Sampling unmasks over N steps from t = 1 to 0; each step runs the block that owns its interval of t.
@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from diffblocks_jax import config as config_lib
-from diffblocks_jax import diffusion
+from diffblocks_jax.core import partitions
 from diffblocks_jax.core import blocks, sampler, steps
 
 # The loss's 1/t is bounded by clipping t here: a draw of exactly 0 (possible for the lowest slice) would give
@@ -85,7 +85,7 @@ class MaskedLM:
     return self.loss(self.denoise(model, None, x_t, t, 0, dropout_key), tokens, t)
 
   def corrupt(self, key, tokens, t):
-    return diffusion.MaskingPartition(1, mask_id=self.mask_id).corrupt(key, tokens.astype(jnp.int32), t)
+    return partitions.MaskingPartition(1, mask_id=self.mask_id).corrupt(key, tokens.astype(jnp.int32), t)
 
 
 def nelbo_terms(log_probs_fn, tokens: jax.Array, key: jax.Array, num_blocks: int, draws: int,
@@ -106,13 +106,13 @@ def nelbo_terms(log_probs_fn, tokens: jax.Array, key: jax.Array, num_blocks: int
       t_key, mask_key = jax.random.split(jax.random.fold_in(key, b * draws + k))
       u = (k + jax.random.uniform(t_key, (n,))) / draws  # Stratified within the slice.
       t = lo + (hi - lo) * u
-      x_t = diffusion.MaskingPartition(1, mask_id=mask_id).corrupt(mask_key, tokens, t)
+      x_t = partitions.MaskingPartition(1, mask_id=mask_id).corrupt(mask_key, tokens, t)
       total = total + bound_integrand(log_probs_fn(x_t, t, b), tokens, t)
     terms.append((hi - lo) * total / draws)
   return jnp.stack(terms, axis=1)
 
 
-def unmasking_plan(partition: diffusion.MaskingPartition, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
+def unmasking_plan(partition: partitions.MaskingPartition, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
   """(times (N+1,), blocks (N,)): step i unmasks from times[i] to times[i+1] (1 → 0, uniform) and runs the
   block owning the middle of that interval (a step's start may sit on a slice boundary)."""
   times = np.linspace(1.0, 0.0, num_steps + 1)
@@ -157,9 +157,9 @@ def make_task(config, data) -> MaskedLM:
   return MaskedLM(int(data.vocab_size))
 
 
-def partition(config, data=None) -> diffusion.MaskingPartition:
+def partition(config, data=None) -> partitions.MaskingPartition:
   """B slices of t for 'mdm_dblock'; one slice (all of [0, 1]) for the end-to-end 'mdm'."""
-  return diffusion.MaskingPartition(config_lib.num_blocks(config), float(config.diffusion.overlap),
+  return partitions.MaskingPartition(config_lib.num_blocks(config), float(config.diffusion.overlap),
                                     mask_id=int(data.vocab_size) if data is not None else -1)
 
 

@@ -45,7 +45,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from diffblocks_jax import config as config_lib
-from diffblocks_jax import experiment, sharding, train
+from diffblocks_jax.training import experiment, sharding, train
 from diffblocks_jax.data import input_pipeline
 from diffblocks_jax.tasks import classification, generation
 

@@ -16,11 +16,11 @@ import numpy as np
 from flax import nnx
 
 from diffblocks_jax import config as config_lib
-from diffblocks_jax import diffusion
+from diffblocks_jax.core import partitions
 from diffblocks_jax.data import input_pipeline
 
 
-def training_sigma_density(sigmas, num_blocks: int, edm: diffusion.EDM = diffusion.DEFAULT_EDM,
+def training_sigma_density(sigmas, num_blocks: int, edm: partitions.EDM = partitions.DEFAULT_EDM,
                            overlap: float = 0.05) -> np.ndarray:
   """(B, len(sigmas)): density in ln σ of the σ a training step draws for each block (SPEC §5.1-5.3).
 
@@ -28,7 +28,7 @@ def training_sigma_density(sigmas, num_blocks: int, edm: diffusion.EDM = diffusi
   range, so each row integrates (over ln σ) to 1/B. Ignores the rare batch whose mode bucket differs.
   """
   log_sigma = np.log(np.asarray(sigmas, np.float64))
-  ranges = diffusion.widened_ranges(num_blocks, overlap, edm)
+  ranges = partitions.widened_ranges(num_blocks, overlap, edm)
   mass = edm.cdf(ranges[:, 1]) - edm.cdf(ranges[:, 0])
   pdf = np.exp(-0.5 * ((log_sigma - edm.p_mean) / edm.p_std)**2) / (edm.p_std * np.sqrt(2 * np.pi))
   density = np.zeros((num_blocks, len(log_sigma)))

@@ -28,7 +28,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from diffblocks_jax import config as config_lib
-from diffblocks_jax import diffusion
+from diffblocks_jax.core import partitions
 
 
 def _define_flags() -> None:
@@ -49,13 +49,13 @@ READABLE_SIGMA = 10.0  # Above it the noisy label says next to nothing (diffusio
 
 # ------------------------------------------------------------------------------------------ the plan
 
-def resolved_edm(config, p_mean=None) -> diffusion.EDM:
+def resolved_edm(config, p_mean=None) -> partitions.EDM:
   """The config's EDM, with P_mean replaced by a candidate: a number, 'matched' or 'release'/None."""
-  edm = diffusion.EDM.from_config(config.diffusion)
+  edm = partitions.EDM.from_config(config.diffusion)
   if p_mean in (None, 'release'):
     return edm
   if p_mean == 'matched':
-    return diffusion.resolve_noise_plan(edm, 'matched')
+    return partitions.resolve_noise_plan(edm, 'matched')
   return dataclasses.replace(edm, p_mean=float(p_mean))
 
 
@@ -68,7 +68,7 @@ def plan_report(config, p_mean=None) -> list[str]:
   tail = float(1.0 - edm.cdf(edm.sigma_max)) if reach < 38 else 0.0
   head = (f'P_mean {edm.p_mean:.4f}, P_std {edm.p_std:g}, B={num_blocks}, N={steps}: the sampler starts at '
           f'σ_max = {edm.sigma_max:g}, {reach:.2f} P_std above P_mean (log-normal mass beyond it {tail:.2g})')
-  return [head] + diffusion.noise_plan(num_blocks, steps, edm, config.diffusion.overlap)
+  return [head] + partitions.noise_plan(num_blocks, steps, edm, config.diffusion.overlap)
 
 
 def write_figure(config, path: str, candidates=('release', 'matched')) -> str:
@@ -86,8 +86,8 @@ def write_figure(config, path: str, candidates=('release', 'matched')) -> str:
     density = diagnostics.training_sigma_density(sigmas, num_blocks, edm, config.diffusion.overlap)
     for block in range(num_blocks):
       line, = ax.plot(sigmas, density[block], label=f'block {block}')
-      for s in diffusion.inference_sigmas(steps, edm):
-        if diffusion.route_static(s, num_blocks, edm) == block:
+      for s in partitions.inference_sigmas(steps, edm):
+        if partitions.route_static(s, num_blocks, edm) == block:
           ax.axvline(s, color=line.get_color(), linestyle=':', linewidth=1.5)
     ax.axvspan(READABLE_SIGMA, edm.sigma_max, color='0.9', zorder=0)
     ax.set_xscale('log')
@@ -150,10 +150,10 @@ def sweep(config, candidates, *, seeds, fraction: float = 0.2, epochs: int = 0, 
   to `train.train_and_evaluate` and `evaluation.evaluate`.
   """
   if train_fn is None:
-    from diffblocks_jax import train  # pylint: disable=g-import-not-at-top
+    from diffblocks_jax.training import train  # pylint: disable=g-import-not-at-top
     train_fn = train.train_and_evaluate
   if eval_fn is None:
-    from diffblocks_jax import evaluation  # pylint: disable=g-import-not-at-top
+    from diffblocks_jax.training import evaluation  # pylint: disable=g-import-not-at-top
     eval_fn = evaluation.evaluate
   scores = {}
   for label, p_mean, overrides, *trained in candidates:

@@ -10,10 +10,10 @@ import os
 import jax
 from absl import logging
 
-from diffblocks_jax import language, sampling, sharding
+from diffblocks_jax.training import language, sampling, sharding
 from diffblocks_jax import config as config_lib
 from diffblocks_jax.data import input_pipeline
-from diffblocks_jax.experiment import Experiment, load_judge, load_trained
+from diffblocks_jax.training.experiment import Experiment, load_judge, load_trained
 from diffblocks_jax.tasks import classification
 
 

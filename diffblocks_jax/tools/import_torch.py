@@ -1,6 +1,6 @@
 """Imports a checkpoint of the authors' PyTorch release (SPEC §9) as a checkpoint of this project.
 
-  python -m diffblocks_jax.import_torch --input=last.ckpt --config=configs/cifar100_dblock.py \
+  python -m diffblocks_jax.tools.import_torch --input=last.ckpt --config=configs/cifar100_dblock.py \
       --workdir=workdirs/imported
 
 Reads a Lightning `.ckpt` (needs torch) or a `.safetensors` / `.npz` state dict (no torch), checks every
@@ -269,7 +269,7 @@ def import_checkpoint(input_path: str, config, workdir: str, *, trust_pickle: bo
   params = convert(state_dict, config, image_size=image_size, channels=channels, num_classes=num_classes,
                    source=input_path)
   directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
-  from diffblocks_jax import checkpointing  # Lazy: `convert` works without the saving machinery.
+  from diffblocks_jax.training import checkpointing  # Lazy: `convert` works without the saving machinery.
   state = steps.init_state(params, config.seed)
   # The data shapes the import was built for: a run resuming it must use a dataset of these shapes.
   dims = _infer_dims(_normalize(state_dict)[0], config, {})[0]

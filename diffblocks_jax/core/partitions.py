@@ -1,4 +1,4 @@
-"""The diffusion side of DiffusionBlocks: noise levels, routing, EDM preconditioning (SPEC §4, §5, §7).
+"""The noise partitions of DiffusionBlocks: noise levels, boundaries, overlap, routing (SPEC §4, §5, §7).
 
 Noise schedules that depend only on the config (boundaries, widened ranges, inference sigmas) are computed
 once in float64 NumPy, so they are exact constants in the compiled step; anything per-example is jnp.
@@ -227,15 +227,6 @@ class MaskingPartition:
     return np.linspace(1.0, 0.0, num_steps) if num_steps > 1 else np.array([1.0])
 
 
-def preconditioning(sigma, sigma_data: float = 0.5):
-  """EDM coefficients (c_skip, c_out, c_in, c_noise) for σ of any shape (SPEC §4)."""
-  sigma = jnp.asarray(sigma, jnp.float32)
-  s2, d2 = sigma**2, sigma_data**2
-  c_skip = d2 / (s2 + d2)
-  c_out = sigma * sigma_data / jnp.sqrt(s2 + d2)
-  c_in = 1.0 / jnp.sqrt(s2 + d2)
-  c_noise = 0.25 * jnp.log(sigma)
-  return c_skip, c_out, c_in, c_noise
 
 
 def loss_weight(sigma, sigma_data: float = 0.5):
@@ -244,12 +235,6 @@ def loss_weight(sigma, sigma_data: float = 0.5):
   return (sigma**2 + sigma_data**2) / (sigma * sigma_data)**2
 
 
-def timestep_embedding(t, dim: int = 256, max_period: float = 10000.0):
-  """Sinusoidal features of c_noise: first half cos, second half sin, freq_k = exp(−ln(P)·k/half)."""
-  half = dim // 2
-  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-  args = jnp.asarray(t, jnp.float32)[..., None] * freqs
-  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
 def noise_plan(num_blocks: int, num_steps: int, edm: EDM = DEFAULT_EDM,

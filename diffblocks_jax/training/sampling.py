@@ -19,7 +19,7 @@ from absl import logging
 from flax import nnx
 
 from diffblocks_jax import config as config_lib
-from diffblocks_jax import reporting, sharding
+from diffblocks_jax.training import reporting, sharding
 from diffblocks_jax.data import input_pipeline
 from diffblocks_jax.tasks import generation
 

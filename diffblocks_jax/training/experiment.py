@@ -13,7 +13,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from diffblocks_jax import checkpointing, models, sharding
+from diffblocks_jax import models
+from diffblocks_jax.training import checkpointing, sharding
 from diffblocks_jax import config as config_lib
 from diffblocks_jax.core import optim, steps
 from diffblocks_jax.data import input_pipeline
@@ -92,7 +93,7 @@ def load_trained(config, workdir: str, step: int | None = None):
   directory = os.path.join(workdir, 'checkpoints')
   if '://' not in directory and not os.path.isdir(directory):  # Opening a Checkpointer would create it.
     raise FileNotFoundError(f'No checkpoint in {directory}: train first with --workdir={workdir}, or import '
-                            'one with diffblocks_jax.import_torch.')
+                            'one with diffblocks_jax.tools.import_torch.')
   exp = build_experiment(config)
   ckpt = checkpointing.Checkpointer(directory, keep=config.train.keep_checkpoints)
   try:
@@ -101,7 +102,7 @@ def load_trained(config, workdir: str, step: int | None = None):
     ckpt.close()
   if restored is None:
     raise FileNotFoundError(f'No checkpoint in {os.path.join(workdir, "checkpoints")}: train first with '
-                            f'--workdir={workdir}, or import one with diffblocks_jax.import_torch.')
+                            f'--workdir={workdir}, or import one with diffblocks_jax.tools.import_torch.')
   return exp, restored[0]
 
 

@@ -18,10 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from diffblocks_jax import checkpointing, diffusion, evaluation, locking, reporting, sharding, tasks
+from diffblocks_jax.core import partitions
+from diffblocks_jax import tasks
+from diffblocks_jax.training import checkpointing, evaluation, locking, reporting, sharding
 from diffblocks_jax import config as config_lib
 from diffblocks_jax.core import blocks, steps
-from diffblocks_jax.experiment import Experiment, build_experiment, put_train_split
+from diffblocks_jax.training.experiment import Experiment, build_experiment, put_train_split
 
 
 def make_train_step(exp: Experiment, *, block: int | None = None):
@@ -195,7 +197,7 @@ def _train_loop(config, workdir: str, lead: bool, stop: _StopFlag) -> dict[str, 
                  exp.steps_per_epoch, exp.num_blocks)
     if config_lib.task_name(config) == 'classification' and config_lib.uses_blocks(config):
       # Where each block trains vs. where the sampler calls it (README).
-      for line in diffusion.noise_plan_for(config, exp.num_blocks):
+      for line in partitions.noise_plan_for(config, exp.num_blocks):
         logging.info('%s', line)
   else:
     logging.info('Resumed from %s at step %d of %d.', ckpt.directory, start, exp.total_steps)

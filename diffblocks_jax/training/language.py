@@ -26,9 +26,9 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from diffblocks_jax import sharding
+from diffblocks_jax.training import sharding
 from diffblocks_jax import config as config_lib
-from diffblocks_jax.experiment import Experiment, load_judge
+from diffblocks_jax.training.experiment import Experiment, load_judge
 from diffblocks_jax.tasks import autoregressive, masked_lm
 
 DEFAULT_NUM_SAMPLES = 64  # eval.num_samples = 0.

@@ -1,0 +1,1 @@
+"""What runs an experiment: the loop, what a config builds, checkpoints, devices, logs, locks."""
