@@ -1,14 +1,14 @@
-"""A tiny CIFAR-shaped setting for tests and CI: any TFDS image dataset, seconds per run on a CPU.
+"""A tiny CIFAR-100-shaped setting for tests and CI (any TFDS image dataset, seconds per run on a CPU); the
+argument is the model kind, 'dblock' (default) or 'vit':
 
   python -m diffblocks_jax.main --config=configs/testing.py:dblock --workdir=/tmp/t   (or :vit)
 """
 
-from diffblocks_jax import config as config_lib
+from configs import common
 
 
 def get_config(kind: str = 'dblock'):
-  config = config_lib.get_base_config()
-  config.model.kind = kind
+  config = common.cifar100(kind)
   config.model.hidden_size = 24
   config.model.num_layers = 2
   config.model.num_heads = 2

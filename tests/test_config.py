@@ -1,15 +1,28 @@
-"""config.validate: every shipped config passes; every impossible value is refused with its field named."""
+"""config.validate: every shipped config and variant passes; every impossible value is refused with its field
+named. The configs/ package: variants as arguments, no path hacks."""
 
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
+from configs import common
 from diffblocks_jax import config as config_lib
 
-CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[1] / 'configs').glob('*.py'))
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / 'configs'
+# The config files (common.py and __init__.py define no get_config: they are not configs).
+CONFIGS = sorted(p for p in CONFIG_DIR.glob('*.py') if 'def get_config(' in p.read_text())
+# Every variant a config's argument selects (`--config=configs/<file>:<arg>`).
+VARIANTS = ['cifar100_dblock.py:recipe=release', 'cifar100_dblock.py:recipe=paper', 'cifar100_dblock.py:recipe=tuned',
+            'cifar100_dblock.py:recipe=paper_tuned', 'cifar100_vit.py:recipe=release', 'cifar100_vit.py:recipe=paper',
+            'tinyimagenet_dblock.py:recipe=release', 'tinyimagenet_dblock.py:recipe=tuned',
+            'digits_dblock.py:recipe=tuned', 'digits_dblock.py:recipe=hand', 'text_ar_dblock.py:recipe=paper',
+            'text_ar_dblock.py:recipe=tuned', 'testing.py:dblock', 'testing.py:vit']
 
 
 def _config(**overrides):
@@ -21,9 +34,75 @@ def _config(**overrides):
   return c
 
 
-@pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.name)
-def test_every_shipped_config_validates(path):
-  config_lib.validate(config_lib.load_file(str(path)))
+@pytest.mark.parametrize('name', [p.name for p in CONFIGS] + VARIANTS)
+def test_every_shipped_config_and_variant_validates(name):
+  config = config_lib.load_file(str(CONFIG_DIR / name))
+  config_lib.validate(config)
+  assert config.model.kind  # The base names no kind: every config does.
+
+
+def _flat(config) -> dict:
+  """'section.field' -> value."""
+  return {f'{section}.{k}': v for section, fields in json.loads(config.to_json_best_effort()).items()
+          for k, v in (fields.items() if isinstance(fields, dict) else [('', fields)])}
+
+
+def _differing(a: str, b: str) -> set[str]:
+  x, y = (_flat(config_lib.load_file(str(CONFIG_DIR / name))) for name in (a, b))
+  return {k for k in x if x[k] != y[k]}
+
+
+def test_variants_change_what_their_recipe_says_and_nothing_else():
+  assert _flat(config_lib.load_file(str(CONFIG_DIR / 'cifar100_dblock.py'))) == _flat(
+      config_lib.load_file(str(CONFIG_DIR / 'cifar100_dblock.py:recipe=release')))  # No argument: the default.
+  tuned = {'diffusion.noise_plan', 'model.label_token', 'eval.normalized_embeddings'}
+  paper = {'optim.lr', 'optim.schedule', 'optim.min_lr', 'optim.warmup_epochs', 'data.randaugment'}
+  assert _differing('cifar100_dblock.py', 'cifar100_dblock.py:recipe=tuned') == tuned
+  assert _differing('cifar100_dblock.py', 'cifar100_dblock.py:recipe=paper') == paper
+  assert _differing('cifar100_dblock.py', 'cifar100_dblock.py:recipe=paper_tuned') == tuned | paper
+  assert _differing('cifar100_vit.py', 'cifar100_vit.py:recipe=paper') == paper
+  assert _differing('tinyimagenet_dblock.py', 'tinyimagenet_dblock.py:recipe=tuned') == tuned
+  assert _differing('digits_vit.py', 'digits_dblock.py') == tuned | {'model.kind', 'train.num_epochs'}
+  assert _differing('text_ar_dblock.py', 'text_ar_dblock.py:recipe=tuned') == {
+      'diffusion.noise_plan', 'diffusion.sigma_min', 'eval.solver'}
+
+
+def test_cifar100_configs_name_their_data():
+  """The base is dataset-neutral: a CIFAR-100 config sets the data set and its statistics itself."""
+  for name in ('cifar100_dblock.py', 'cifar100_vit.py:recipe=paper', 'testing.py:vit'):
+    data = config_lib.load_file(str(CONFIG_DIR / name)).data
+    assert (data.source, data.name) == ('tfds', 'cifar100')
+    assert (tuple(data.mean), tuple(data.std)) == (common.CIFAR100_MEAN, common.CIFAR100_STD)
+
+
+@pytest.mark.parametrize('arg, says', [
+    ('recipe=papr', "recipe='papr' is not one of release|paper|tuned|paper_tuned"),
+    ('recpe=paper', "unknown key 'recpe'; this config takes recipe=release|paper|tuned|paper_tuned (default release)"),
+    ('paper', "'paper' is not key=value"),
+])
+def test_a_bad_config_argument_names_what_is_allowed(arg, says):
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.load_file(f'{CONFIG_DIR / "cifar100_dblock.py"}:{arg}')
+  assert says in str(e.value), str(e.value)
+
+
+def test_parse_arg():
+  assert vars(common.parse_arg(None, recipe=('a', 'b'), size=('s', 'm'))) == {'recipe': 'a', 'size': 's'}
+  assert vars(common.parse_arg('size=m, recipe=b', recipe=('a', 'b'), size=('s', 'm'))) == {'recipe': 'b', 'size': 'm'}
+
+
+def test_configs_import_as_a_package_from_any_directory(tmp_path):
+  """No config edits sys.path: `from configs import common` resolves through the installed package (pyproject's
+  packages.find includes configs*), from any working directory."""
+  for path in CONFIG_DIR.glob('*.py'):
+    assert 'sys.path' not in path.read_text(), path
+  code = ('from diffblocks_jax import config; c = config.load_file(%r); print(c.model.kind, c.data.name)'
+          % f'{CONFIG_DIR / "cifar100_dblock.py"}:recipe=paper')
+  env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+  result = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.split() == ['dblock', 'cifar100']
 
 
 @pytest.mark.parametrize('overrides,says', [

@@ -192,12 +192,12 @@ def test_sweep_trains_every_candidate_on_the_validation_split_only(tmp_path, mon
 
 
 def test_the_tuned_text_config_keeps_both_ends_of_the_sampler_grid_in_the_training_bulk():
-  """configs/text_ar_dblock_tuned.py: the sampler's first σ (σ_max, run by block 0) and its last (σ_min, whose
-  logits the character is drawn from, run by block B−1) each three P_std from P_mean; EDM's σ_min 0.002 is 5.8
-  P_std below, where the last block never trains."""
+  """configs/text_ar_dblock.py:recipe=tuned: the sampler's first σ (σ_max, run by block 0) and its last (σ_min,
+  whose logits the character is drawn from, run by block B−1) each three P_std from P_mean; EDM's σ_min 0.002 is
+  5.8 P_std below, where the last block never trains."""
   import pathlib  # pylint: disable=g-import-not-at-top
-  config = config_lib.load_file(str(pathlib.Path(__file__).resolve().parents[1] / 'configs' /
-                                    'text_ar_dblock_tuned.py'))
+  config = config_lib.load_file(str(pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'text_ar_dblock.py')
+                                + ':recipe=tuned')
   config_lib.validate(config)
   plan = partitions.LogNormalPartition.from_config(config_lib.num_blocks(config), config.diffusion)
   edm = plan.edm
