@@ -29,12 +29,14 @@ def readme_example() -> str:
 
 
 def test_readme_example_is_short():
+  # 35, not 25, since the example also loads the digits, trains and reports its accuracy (it runs as written).
   code = [line for line in readme_example().splitlines() if line.strip() and not line.lstrip().startswith('#')]
-  assert len(code) <= 25, len(code)
+  assert len(code) <= 35, len(code)
 
 
 @pytest.fixture(scope='module')
 def wrapped():
+  """The README example's namespace after it ran: its model, trained state, step, data and accuracy."""
   namespace = {}
   exec(compile(readme_example(), 'README.md', 'exec'), namespace)  # pylint: disable=exec-used
   return namespace
@@ -50,27 +52,36 @@ def digits_split():
 
 
 def test_wrapped_stack_trains_and_samples(wrapped):
-  """The README's residual-MLP stack, through the same step and sampler as the ViT: it learns the digits.
+  """The README's residual-MLP stack, trained by the README's own loop (1,500 steps of 64 digits) through the same
+  step and sampler as the ViT: it learns the digits.
 
-  Measured on the 2-core CPU machine: 98.5 % on the 397 held-out digits after 1,500 steps (about 7 s).
+  Measured on the 2-core CPU machine: 98.5 % on the 397 held-out digits after 1,500 steps.
   """
   model, state, train_step = wrapped['model'], wrapped['state'], wrapped['train_step']
   classification, graphdef, plan = wrapped['classification'], wrapped['graphdef'], wrapped['plan']
+  x, y, metrics, accuracy = wrapped['x'], wrapped['y'], wrapped['metrics'], wrapped['accuracy']
   assert model.stacked and model.num_blocks == 3 and not isinstance(model.outer(model.block(0)), nnx.List)
   assert all(leaf.shape[0] == 3 for leaf in jax.tree.leaves(state.params['blocks']))
-  x_train, y_train, x_test, y_test = digits_split()
-  rng = np.random.default_rng(1)
-  drawn = []
-  for _ in range(1500):
+  x_train, y_train, x_test, y_test = digits_split()  # The example's split is the seeded 1,400 / 397 one.
+  np.testing.assert_array_equal(x[:1400], x_train)
+  np.testing.assert_array_equal(y[:1400], y_train)
+  np.testing.assert_array_equal(x[1400:], x_test)
+  np.testing.assert_array_equal(y[1400:], y_test)
+  assert int(state.step) == 1500 and np.isfinite(float(metrics['loss']))
+  assert accuracy >= 0.90, accuracy
+  # One Adam count per block, advanced only by the steps that drew it: all 1,500 of the example's, then a few more
+  # whose draws are recorded here.
+  counts = np.asarray(state.opt_state['blocks'].count)
+  assert counts.sum() == 1500, counts
+  rng, drawn, more = np.random.default_rng(1), [], state
+  for _ in range(60):
     idx = rng.integers(0, len(x_train), 64)
-    state, metrics = train_step(state, x_train[idx], y_train[idx])
+    more, metrics = train_step(more, x_train[idx], y_train[idx])
     drawn.append(int(metrics['block']))
-  assert np.isfinite(float(metrics['loss']))
-  np.testing.assert_array_equal(np.asarray(state.opt_state['blocks'].count), np.bincount(drawn, minlength=3))
+  np.testing.assert_array_equal(np.asarray(more.opt_state['blocks'].count) - counts, np.bincount(drawn, minlength=3))
   logits, probs = classification.sample(nnx.merge(graphdef, state.params), x_test, jax.random.key(0), num_steps=3,
                                         edm=plan.edm, return_trajectory=True)
-  accuracy = float(np.mean(np.argmax(logits, -1) == y_test))
-  assert accuracy >= 0.90, accuracy
+  assert float(np.mean(np.argmax(logits, -1) == y_test)) >= 0.90
   assert probs.shape == (len(x_test), 3, 10)
 
 
