@@ -24,7 +24,7 @@ from absl import flags
 from absl import logging
 import ml_collections
 
-from diffblocks_jax.training import checkpointing, locking, reporting
+from diffblocks_jax.training import checkpointing, locking, paths
 from diffblocks_jax import config as config_lib
 from diffblocks_jax.data import dataset
 
@@ -37,7 +37,6 @@ TRACEBACK_ENV = 'DIFFBLOCKS_TRACEBACK'
 # Libraries whose INFO lines drown the run's own (a digits run: ~800 of Orbax's among 1,036). Their warnings
 # and errors still show.
 QUIET_LIBRARIES = ('orbax', 'jax', 'tensorflow', 'tensorflow_datasets', 'etils')
-MODES_READING_THE_WORKDIR = ('eval', 'sample')
 
 
 def fail(message: str) -> NoReturn:
@@ -80,21 +79,24 @@ def parse_flags(argv: list[str]) -> list[str]:
   """`app.run`'s flags_parser: absl's parsing, with every mistake answered in one message and exit status 2.
 
   Before absl parses, the config is located and each `--config.<field>=` override checked against it, so an
-  unknown field is named with the closest existing ones. `--mode=eval|sample` without `--config` reads
-  WORKDIR/config.json (overrides apply on top of it).
+  unknown field is named with the closest existing ones. Without `--config`, any mode reads WORKDIR/config.json
+  (overrides apply on top of it): eval and sample score the run, train resumes it.
   """
   argv = list(argv)
   path, mode, workdir = (_flag_value(argv, name) for name in ('config', 'mode', 'workdir'))
   mode = mode or 'train'
   asks_help = any(re.fullmatch(r'--?(help\w*|h|\?)', a) for a in argv[1:])
+  if workdir and not asks_help:
+    check_workdir(workdir, writes=mode == 'train')
   if path is None and not asks_help:
-    if mode == 'train':
-      fail(f'--config is required for --mode=train, e.g. --config=configs/digits_vit.py. {_available_configs()}')
-    if mode in MODES_READING_THE_WORKDIR and workdir:
-      if not os.path.exists(os.path.join(workdir, 'config.json')):
-        fail(f'--mode={mode} without --config reads the config of the run in --workdir, but '
-             f'{os.path.join(workdir, "config.json")} does not exist: is {workdir!r} the workdir of a training '
-             'run? Pass its --workdir, or --config=... as well.')
+    saved = os.path.join(workdir, 'config.json') if workdir else None
+    if mode == 'train' and not (saved and os.path.exists(saved)):
+      fail(f'--config is required to start a run, e.g. --config=configs/digits_dblock.py (a run already in --workdir '
+           f'resumes from its config.json without it). {_available_configs()}')
+    if workdir:
+      if not os.path.exists(saved):
+        fail(f'--mode={mode} without --config reads the config of the run in --workdir, but {saved} does not exist: '
+             f'is {workdir!r} the workdir of a training run? Pass its --workdir, or --config=... as well.')
       path = f'{os.path.abspath(__file__)}:{workdir}'  # This file's get_config: the run's config.json.
       argv.insert(1, f'--config={path}')  # ml_collections finds the overrides in sys.argv, wherever they are.
     # Otherwise absl names what is wrong (an unknown --mode, a missing --workdir).
@@ -109,6 +111,20 @@ def parse_flags(argv: list[str]) -> list[str]:
   if len(rest) > 1:
     fail(f'unexpected arguments {rest[1:]}: flags take the form --name=value')
   return rest
+
+
+def check_workdir(workdir: str, *, writes: bool) -> None:
+  """A workdir that is a file, or (for training) one that cannot be written, is named in one line."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    fail(f'--workdir={workdir} is a file, not a folder: pass a folder (it is created if it does not exist)')
+  if not writes or '://' in workdir:
+    return
+  existing = os.path.abspath(workdir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.access(existing, os.W_OK):
+    fail(f'--workdir={workdir}: {existing} is not writable (a read-only disk, or another user\'s folder): pass a '
+         'folder you can write to')
 
 
 def get_config(workdir: str) -> ml_collections.ConfigDict:
@@ -143,7 +159,7 @@ def _available_configs(near: str | None = None) -> str:
   """'Configs in configs/: ...' (those of the folder `near` names, else of the repository's configs/)."""
   folder = os.path.dirname(near) if near else None
   if not folder or not os.path.isdir(folder) or not _config_files(folder):
-    root = reporting.repository_root()
+    root = paths.repository_root()
     folder = os.path.relpath(os.path.join(root, 'configs')) if root else None
   names = _config_files(folder) if folder else []
   if not names:
@@ -166,6 +182,8 @@ def _config_files(folder: str) -> list[str]:
 def load_config(path: str) -> ml_collections.ConfigDict:
   """The config `--config=path[:arg]` names; a missing file or a failing get_config() is one message."""
   file, _, arg = path.partition(':')
+  if os.path.isdir(file):
+    fail(f'--config={path} is a folder, not a config file. {_available_configs(os.path.join(file, "x.py"))}')
   if not os.path.isfile(file):
     fail(f'--config={path}: no such config file {file!r}. {_available_configs(file)}')
   try:

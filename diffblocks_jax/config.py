@@ -1,11 +1,15 @@
 """Configuration: the shared defaults of every experiment (SPEC §2-§8) and their validation.
 
-Experiment files import `get_base_config()` and override what differs. Every field is documented here once.
+Experiment files (configs/) import `get_base_config()` and override what differs; the base names no dataset and
+no model kind, so a run's saved config says what it trained. Every field is documented here once. What each
+model kind needs is read from the kind registry (tasks/registry.py), not restated here.
 """
 
 import math
 
 import ml_collections
+
+from diffblocks_jax.tasks import registry
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -14,23 +18,23 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # --- data (SPEC §8) ---
   c.data = d = ml_collections.ConfigDict()
-  d.source = 'tfds'  # Images: 'tfds' | 'digits' (scikit-learn, offline) | 'npz' | 'folder'. Text: 'text' (a UTF-8
-  # file at data.path, or the TFDS text dataset data.name when data.path is '') | 'pydoc' (CPython's bundled
-  # documentation text, ~465k characters, offline).
-  d.name = 'cifar100'  # TFDS dataset name (any image-classification dataset with image/label features).
+  d.source = 'tfds'  # registry.SOURCES. Images: 'tfds' | 'digits' (scikit-learn, offline) | 'npz' | 'folder'.
+  # Text: 'text' (a UTF-8 file at data.path, or the TFDS text dataset data.name when data.path is '') | 'pydoc'
+  # (CPython's bundled documentation text, ~465k characters, offline).
+  d.name = ''  # TFDS dataset name, e.g. 'cifar100' (any image-classification dataset with image/label features).
   d.tfds_data_dir = ''  # Folder holding prepared TFDS data ('' = TFDS default, ~/tensorflow_datasets).
   d.tfds_download = True  # Try download_and_prepare when the data is missing (False: fail at once, offline).
   d.split_seed = 0  # Seeds the digits 80/20 split and the folder source's training-file order.
   d.validation_fraction = 0.0  # > 0: evaluate on this seeded, stratified share of TRAIN (train shrinks) and
   # never load the test split (sources 'digits', 'npz', 'tfds'; text: the train text's tail): for choosing
   # settings (tools/noise_plan.py, the autoregressive sampler).
-  d.label_key = 'label'  # Feature holding the class ('label' = CIFAR-100's fine labels).
+  d.label_key = 'label'  # Feature holding the class (CIFAR-100: 'label', the fine labels).
   d.train_split = 'train'
   d.test_split = 'test'
   d.path = ''  # .npz file (x_train/y_train/x_test/y_test) or image-folder root, for those sources.
   d.on_corrupt = 'error'  # Folder source: 'error' or 'skip' an unreadable image (always reported by path).
-  d.mean = (0.5071, 0.4867, 0.4408)  # Per-channel normalisation (CIFAR-100 statistics).
-  d.std = (0.2675, 0.2565, 0.2761)
+  d.mean = (0.5,)  # Per-channel normalisation (one entry: every channel); configs/common.py has CIFAR-100's.
+  d.std = (0.5,)
   d.pad_crop = 4  # Random crop with this much zero padding (0 = off).
   d.random_resized_crop = False  # torchvision RandomResizedCrop to the image size instead (release: Tiny-ImageNet).
   d.resized_crop_scale = (0.08, 1.0)  # Its range of box area / image area.
@@ -47,9 +51,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # --- model (SPEC §2, §3); image size, channels and classes come from the data ---
   c.model = m = ml_collections.ConfigDict()
-  m.kind = 'dblock'  # One of KINDS below: classification 'vit' | 'dblock', image generation 'dit' | 'dit_dblock',
-  # language: masked diffusion 'mdm' | 'mdm_dblock', autoregressive 'ar' | 'ar_dblock' (the first of each pair is
-  # the end-to-end baseline).
+  m.kind = ''  # A key of tasks/registry.KINDS: the task, the network and whether it is block-wise. Set by the config.
   m.patch_size = 4
   m.hidden_size = 128
   m.num_layers = 12
@@ -58,7 +60,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.dropout = 0.1  # After position embeddings and on both residual branches.
   m.attention_dropout = 0.1  # On attention probabilities.
   m.layer_norm_eps = 1e-12
-  m.num_blocks = 3  # B: blocks = diffusion steps (dblock only).
+  m.num_blocks = 3  # B: blocks = diffusion steps (block-wise kinds only).
   m.layers_per_block = ()  # Explicit uneven partition, e.g. (5, 4, 3); () = num_layers / num_blocks each.
   m.label_token = 'replace'  # 'replace' the CLS token with c_in*z_t (release) or 'concat' it (paper).
   m.independent_blocks = False  # Each block owns a copy of the shared parts (needed for parallel_blocks).
@@ -72,7 +74,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   f.p_mean = -1.2
   f.p_std = 1.2
   f.noise_plan = 'release'  # 'release': P_mean as set | 'matched': P_mean = ln(sigma_max) - 3*p_std, so the
-  # sampler's first sigma lies in the training log-normal's bulk (partitions.matched_p_mean; dblock, ar_dblock).
+  # sampler's first sigma lies in the training log-normal's bulk (partitions.matched_p_mean; the kinds whose
+  # registry entry lists it: a diffused embedding).
   f.sigma_data = 0.5
   f.overlap = 0.05  # gamma: each block's noise range widened by this fraction of its log-width per side.
   f.loss_weighting = 'batch_mean'  # 'batch_mean' = mean(w)*mean(ce) (release) | 'per_sample' = mean(w*ce).
@@ -113,18 +116,18 @@ def get_base_config() -> ml_collections.ConfigDict:
   e.normalized_embeddings = False  # x_hat from raw rows of E (release) or the L2-normalised rows.
   e.cfg_scale = 1.0  # Classifier-free guidance scale; 1.0 = plain conditional logits (no extra pass).
   e.step = 0  # --mode=eval: checkpoint step to evaluate (0 = latest).
-  # Image generation (model.kind 'dit' | 'dit_dblock'):
-  e.solver = 'euler'  # 'euler' or 'heun' (one extra model call per step); 'ar_dblock': 'euler' (the paper's) or
+  # Image generation:
+  e.solver = 'euler'  # 'euler' or 'heun' (one extra model call per step); autoregressive DiffusionBlocks also
   # 'ancestral' (each step draws a token and noises its embedding afresh: tasks/autoregressive.py).
   e.sigma_grid = 'quantile'  # 'quantile' (equal quantiles of the log-normal, the release's) or 'karras' (rho = 7).
   e.num_samples = 0  # Samples scored per evaluation (0 = as many as test images), class-balanced.
   e.classifier_workdir = ''  # Workdir of a classifier trained here on the same data: eval/fd, eval/sample_accuracy.
   e.feature_fn = ''  # 'module:function' mapping float [0, 1] NHWC images to features: eval/fd_external (e.g. FID).
-  # Language models (model.kind 'mdm' | 'mdm_dblock' | 'ar' | 'ar_dblock'); eval.num_samples 0 = 64 samples:
+  # Language models (masked diffusion and autoregressive); eval.num_samples 0 = 64 samples:
   e.elbo_draws = 4  # Masked diffusion: draws of t per held-out sequence and block for the bound (eval/bpc).
   e.temperature = 1.0  # Sampling temperature of the final logits.
   e.top_k = 0  # Sample among the k likeliest tokens (0 = all).
-  e.scorer_workdir = ''  # Workdir of an end-to-end 'ar' run on the same data: scores samples (eval/gen_ppl).
+  e.scorer_workdir = ''  # Workdir of an end-to-end autoregressive run on the same data: scores samples (eval/gen_ppl).
 
   # --- devices (training/sharding.py) ---
   c.mesh = ml_collections.ConfigDict()
@@ -138,28 +141,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   return c
 
 
-# model.kind -> (task, whether the depth is cut into blocks). The one place that says what a kind is.
-KINDS = {
-    'vit': ('classification', False),
-    'dblock': ('classification', True),
-    'dit': ('generation', False),
-    'dit_dblock': ('generation', True),
-    'mdm': ('masked_lm', False),
-    'mdm_dblock': ('masked_lm', True),
-    'ar': ('autoregressive', False),
-    'ar_dblock': ('autoregressive', True),
-}
-LANGUAGE_TASKS = ('masked_lm', 'autoregressive')  # Their data are token windows from TEXT_SOURCES.
-IMAGE_SOURCES = ('tfds', 'digits', 'npz', 'folder')  # data.source values (the loaders: data/input_pipeline.py).
-TEXT_SOURCES = ('text', 'pydoc')
-
-
 def task_name(config) -> str:
-  return KINDS[config.model.kind][0]
+  return registry.kind(config.model.kind).task
 
 
 def uses_blocks(config) -> bool:
-  return KINDS[config.model.kind][1]
+  return registry.kind(config.model.kind).blockwise
 
 
 class ConfigError(ValueError):
@@ -167,10 +154,10 @@ class ConfigError(ValueError):
 
 
 _CHOICES = {
-    'data.source': IMAGE_SOURCES + TEXT_SOURCES,
+    'data.source': tuple(registry.SOURCES),
     'data.vocab': ('char', 'byte'),
     'data.on_corrupt': ('error', 'skip'),
-    'model.kind': tuple(KINDS),
+    'model.kind': tuple(registry.KINDS),
     'eval.solver': ('euler', 'heun', 'ancestral'),
     'eval.sigma_grid': ('quantile', 'karras'),
     'model.label_token': ('replace', 'concat'),
@@ -179,12 +166,6 @@ _CHOICES = {
     'diffusion.noise_plan': ('release', 'matched'),
     'optim.schedule': ('constant_with_warmup', 'cosine_with_min_lr'),
 }
-
-
-def _get(config, dotted: str):
-  """A field's value; a field a saved config.json predates holds its default."""
-  section, name = dotted.split('.')
-  return config[section][name] if name in config[section] else get_base_config()[section][name]
 
 
 def num_blocks(config) -> int:
@@ -250,8 +231,6 @@ def _range_errors(config) -> dict[str, str]:
   errors = {}
   for field, (ok, rule) in _RANGES.items():
     section, name = field.split('.')
-    if name not in config[section]:  # A config saved before the field existed: its default applies.
-      continue
     value = config[section][name]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
       errors[field] = f'config.{field}={value!r} is not a finite number (it must be {rule})'
@@ -275,49 +254,54 @@ def _partition_errors(m) -> list[str]:
 
 
 def validate(config, *, num_devices: int | None = None) -> None:
-  """Names every impossible setting before anything is loaded or compiled (raises ConfigError)."""
+  """Names every impossible setting before anything is loaded or compiled (raises ConfigError).
+
+  Runs once per run, where the experiment is built (training/experiment.py); what it accepts, nothing downstream
+  checks again.
+  """
   errors = []
   for field, allowed in _CHOICES.items():
-    value = _get(config, field)
-    if value not in allowed:
-      errors.append(f'config.{field}={value!r} is not one of {allowed}')
+    section, name = field.split('.')
+    if config[section][name] not in allowed:
+      errors.append(f'config.{field}={config[section][name]!r} is not one of {allowed}')
   out_of_range = _range_errors(config)
   errors += out_of_range.values()
   # The checks below combine fields: each runs only when the fields it reads are in range and known.
   valid = lambda *fields: not set(fields) & set(out_of_range)
-  m, f = config.model, config.diffusion
-  known_kind = m.kind in KINDS
+  m, f, d = config.model, config.diffusion, config.data
+  kind = registry.KINDS.get(m.kind)  # None: already named above.
   if valid('diffusion.sigma_min', 'diffusion.sigma_max') and f.sigma_min >= f.sigma_max:
     errors.append(f'config.diffusion.sigma_min={f.sigma_min} must be below config.diffusion.sigma_max={f.sigma_max}')
+  heads_ok = valid('model.hidden_size', 'model.num_heads') and not m.hidden_size % m.num_heads
   if valid('model.hidden_size', 'model.num_heads') and m.hidden_size % m.num_heads:
     errors.append(f'config.model.hidden_size={m.hidden_size} is not divisible by config.model.num_heads={m.num_heads}')
-  if m.kind == 'dblock' and valid('model.hidden_size') and m.hidden_size < 6:
-    errors.append(f'config.model.hidden_size={m.hidden_size} must be >= 6 (time embedding width hidden // 6)')
-  if known_kind and uses_blocks(config) and valid('model.num_layers', 'model.num_blocks'):
-    errors += _partition_errors(m)
-  if f.get('noise_plan', 'release') == 'matched' and known_kind and m.kind not in ('dblock', 'ar_dblock'):
-    errors.append(f"config.diffusion.noise_plan='matched' is for the diffused embeddings of model.kind 'dblock' "
-                  f"(labels) and 'ar_dblock' (tokens), got {m.kind!r}: set config.diffusion.noise_plan='release'")
-  if _get(config, 'eval.solver') == 'ancestral' and m.kind != 'ar_dblock':
-    errors.append(f"config.eval.solver='ancestral' is the sampler of model.kind 'ar_dblock', not {m.kind!r}")
-  if known_kind and task_name(config) == 'generation':
-    if valid('model.hidden_size') and m.hidden_size % 4:
-      errors.append(f'config.model.hidden_size={m.hidden_size} must be divisible by 4 (the DiT\'s 2-D sine-cosine '
-                    'positions)')
-  d = config.data
-  if d.get('validation_fraction', 0.0) and d.source not in ('digits', 'npz', 'tfds', *TEXT_SOURCES):
-    errors.append(f'config.data.validation_fraction={d.validation_fraction} needs config.data.source digits, npz, '
-                  f'tfds or a text source (got {d.source!r}, which would evaluate on its test split)')
-  if known_kind:
-    text_task, text_data = task_name(config) in LANGUAGE_TASKS, d.source in TEXT_SOURCES
-    if text_task != text_data:
-      sources = TEXT_SOURCES if text_task else IMAGE_SOURCES
-      errors.append(f'config.model.kind={m.kind!r} needs {"text" if text_task else "image"} data: '
-                    f'config.data.source={d.source!r} must be one of {sources}')
-    if text_task and valid('model.hidden_size', 'model.num_heads') and (m.hidden_size // max(m.num_heads, 1)) % 2:
-      errors.append(f'config.model.hidden_size / config.model.num_heads = {m.hidden_size // m.num_heads} must be '
-                    'even (rotary positions rotate pairs of channels)')
-  if d.get('random_resized_crop', False):
+  if d.source == 'tfds' and not d.name:
+    errors.append("config.data.name is empty: name the TFDS dataset (e.g. 'cifar100'), or pick another "
+                  f'config.data.source from {tuple(registry.SOURCES)}')
+  if d.source == 'text' and not d.path and not d.name:
+    errors.append("config.data.source='text' needs config.data.path (a UTF-8 file) or config.data.name (a TFDS "
+                  "text dataset, e.g. 'text8'); 'pydoc' is CPython's bundled text, offline")
+  if d.validation_fraction and d.source not in registry.VALIDATION_SOURCES:
+    errors.append(f'config.data.validation_fraction={d.validation_fraction} needs config.data.source in '
+                  f'{registry.VALIDATION_SOURCES} (got {d.source!r}, which would evaluate on its test split)')
+  if kind is not None:
+    if kind.blockwise and valid('model.num_layers', 'model.num_blocks'):
+      errors += _partition_errors(m)
+    if heads_ok:
+      errors += [e for rule in kind.model_rules if (e := rule(m))]
+    if f.noise_plan not in kind.noise_plans:
+      errors.append(f'config.diffusion.noise_plan={f.noise_plan!r} is not one of {kind.noise_plans} for '
+                    f'model.kind={m.kind!r} (\'matched\' is for a diffused embedding: kinds '
+                    f'{registry.kinds_where(lambda k: "matched" in k.noise_plans)})')
+    if config.eval.solver not in kind.solvers:
+      errors.append(f'config.eval.solver={config.eval.solver!r} is not one of {kind.solvers} for '
+                    f'model.kind={m.kind!r}')
+    source_family = registry.SOURCES.get(d.source)
+    if source_family is not None and source_family != kind.data:
+      sources = tuple(s for s, family in registry.SOURCES.items() if family == kind.data)
+      errors.append(f'config.model.kind={m.kind!r} needs {kind.data} data: config.data.source={d.source!r} must '
+                    f'be one of {sources}')
+  if d.random_resized_crop:
     if d.pad_crop:
       errors.append(f'config.data.random_resized_crop=True and config.data.pad_crop={d.pad_crop}: choose one '
                     '(set config.data.pad_crop=0)')
@@ -328,16 +312,17 @@ def validate(config, *, num_devices: int | None = None) -> None:
     if not 0 < lo <= hi:
       errors.append(f'config.data.resized_crop_ratio={tuple(d.resized_crop_ratio)} must satisfy 0 < lo <= hi')
   uneven = len(set(m.layers_per_block)) > 1  # Equal depths are stacked on a block axis (core/blocks.py).
-  blockwise = known_kind and uses_blocks(config)
+  blockwise = kind is not None and kind.blockwise
   if config.parallel_blocks and (not blockwise or not m.independent_blocks or uneven):
-    errors.append('config.parallel_blocks=True needs a block-wise config.model.kind (dblock, dit_dblock), '
-                  'config.model.independent_blocks=True and blocks of equal depth (the block axis is sharded)')
+    errors.append(f'config.parallel_blocks=True needs a block-wise config.model.kind '
+                  f'{registry.kinds_where(lambda k: k.blockwise)}, config.model.independent_blocks=True and blocks '
+                  'of equal depth (the block axis is sharded)')
   if config.train.offload_idle_blocks and (not blockwise or uneven or config.parallel_blocks):
     errors.append('config.train.offload_idle_blocks=True needs a block-wise config.model.kind with blocks of equal depth '
                   '(no uneven config.model.layers_per_block) and config.parallel_blocks=False')
   if num_devices is not None:
     data_devices = num_devices if config.mesh.data == -1 else config.mesh.data
-    if config.parallel_blocks and known_kind:
+    if config.parallel_blocks and kind is not None:
       data_devices = max(1, num_devices // num_blocks(config))
     if data_devices < 1 or data_devices > num_devices:
       errors.append(f'config.mesh.data={config.mesh.data} does not fit the {num_devices} available devices')

@@ -4,8 +4,9 @@
       [--mode=train|eval|sample] [--config.optim.lr=5e-4 ...] [--library_logs]
   python -m diffblocks_jax.main --workdir=workdirs/run1 --mode=eval [--config.eval.cfg_scale=2 ...]
 
-Without --config, eval and sample read the run's WORKDIR/config.json. A mistake (an unknown flag or config
-field, a missing config file, workdir or checkpoint, an impossible setting) prints one message and exits 2.
+Without --config, every mode reads the run's WORKDIR/config.json (training resumes the run as it was started).
+A mistake (an unknown flag or config field, a missing config file, workdir or checkpoint, an impossible setting)
+prints one message and exits 2. The full config goes to WORKDIR/config.json and the debug log, not the console.
 """
 
 import sys
@@ -33,7 +34,7 @@ def main(argv):
   config, workdir = _CONFIG.value, _WORKDIR.value
   with cli.exit_on_user_error():
     distributed.maybe_initialize(config)
-    logging.info('Config:\n%s', config)
+    logging.debug('Config:\n%s', config)
     if _MODE.value == 'train':
       try:
         train.train_and_evaluate(config, workdir)
@@ -41,9 +42,11 @@ def main(argv):
         logging.warning('%s', e)
         sys.exit(train.EXIT_PREEMPTED)
     elif _MODE.value == 'eval':
-      evaluation.evaluate(config, workdir)
+      logging.set_verbosity(logging.WARNING)  # The answer only; warnings still show.
+      print(evaluation.evaluate(config, workdir)[1])
     else:
-      evaluation.sample(config, workdir, _NUM_SAMPLES.value)
+      logging.set_verbosity(logging.WARNING)
+      print(evaluation.sample(config, workdir, _NUM_SAMPLES.value))
 
 
 if __name__ == '__main__':

@@ -76,6 +76,15 @@ def make_tiny_batch(n: int = 8, seed: int = 0):
   return images.astype(np.float32), labels.astype(np.int32)
 
 
+def judged_by(config):
+  """What `generation.load_classifier` and `language.load_scorer` ask of an experiment, for `config` alone: its
+  config, the judge loader and placement (no data, no model built)."""
+  import types  # pylint: disable=g-import-not-at-top
+  from diffblocks_jax.training import experiment  # pylint: disable=g-import-not-at-top
+  return types.SimpleNamespace(config=config, on_device=lambda tree: tree,
+                               load_judge=lambda field, **checks: experiment.load_judge(config, field, **checks))
+
+
 def jitter(params, seed: int = 0, scale: float = 0.05):
   """Host-side NumPy noise (no per-shape compilation), returned as device arrays of the same dtypes."""
   rng = np.random.default_rng(seed)

@@ -142,10 +142,17 @@ def test_errors_are_listed_together():
     assert f'config.{field}' in str(e.value)
 
 
-def test_a_config_saved_before_a_field_existed_still_validates():
+def test_a_config_saved_before_a_field_existed_still_validates(tmp_path):
+  """Where a saved config is read (config.load_workdir), the fields it predates get their defaults; validation
+  then sees a whole config (it holds no fallbacks of its own)."""
   c = config_lib.get_base_config()
-  del c.train['eval_every_epochs']  # As in a config.json written by an older version.
-  config_lib.validate(c)
+  c.model.kind, c.data.name = 'dblock', 'cifar100'
+  saved = c.to_dict()
+  del saved['train']['eval_every_epochs']  # As in a config.json written by an older version.
+  (tmp_path / 'config.json').write_text(json.dumps(saved))
+  loaded = config_lib.load_workdir(str(tmp_path))
+  assert loaded.train.eval_every_epochs == c.train.eval_every_epochs
+  config_lib.validate(loaded)
 
 
 def test_a_saved_run_takes_overrides_of_fields_it_predates(tmp_path):

@@ -83,6 +83,7 @@ def train_and_save(data: str, workdir: str, out: str, port: int = 0, num_process
     config.distributed.coordinator_address = f'127.0.0.1:{port}'
     config.distributed.num_processes = num_processes
     config.distributed.process_id = process_id
+  from diffblocks_jax.tasks import classification  # pylint: disable=g-import-not-at-top
   from diffblocks_jax.training import distributed, evaluation, experiment, train  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   distributed.maybe_initialize(config)
@@ -91,7 +92,7 @@ def train_and_save(data: str, workdir: str, out: str, port: int = 0, num_process
   exp, state = experiment.load_trained(config, workdir)  # Every process restores the checkpoint all wrote.
   assert int(state.step) == exp.total_steps == result['step'], (int(state.step), exp.total_steps, result)
   # Scored again from the restored parameters: the accuracy training reported.
-  assert evaluation.evaluate_params(exp, state.params) == pytest.approx(result['eval/accuracy']), result
+  assert classification.evaluate_params(exp, state.params) == pytest.approx(result['eval/accuracy']), result
   leaves = jax.tree_util.tree_leaves_with_path(state.params)
   np.savez(out, step=int(state.step), accuracy=result['eval/accuracy'],
            **{jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves})

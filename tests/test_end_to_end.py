@@ -56,7 +56,7 @@ def test_cifar100_train_eval_resume_under_mock_data(tmp_path, name):
     assert all(np.isfinite(r['train/loss']) for r in records if 'train/loss' in r)
     if blocks > 1:
       assert any(k.startswith('train/loss_block') for r in records for k in r)
-    evaluated = evaluation.evaluate(cifar_config(name), workdir)
+    evaluated, _ = evaluation.evaluate(cifar_config(name), workdir)
   assert evaluated['step'] == 4 * blocks
   assert evaluated['eval/accuracy'] == pytest.approx(result['eval/accuracy'])
   assert json.load(open(os.path.join(workdir, 'config.json')))['model']['kind'] == ('dblock' if blocks > 1 else 'vit')
@@ -173,7 +173,7 @@ def test_tinyimagenet_config_trains_from_a_folder_in_its_layout(tmp_path):
   result = train.train_and_evaluate(config, str(tmp_path / 'workdir'))
   assert result['step'] == 4  # 8 images / 4 = 2 steps x B=2.
   # The checkpoint, restored and scored again, gives what training reported.
-  assert evaluation.evaluate(config, str(tmp_path / 'workdir'))['eval/accuracy'] == pytest.approx(result['eval/accuracy'])
+  assert evaluation.evaluate(config, str(tmp_path / 'workdir'))[0]['eval/accuracy'] == pytest.approx(result['eval/accuracy'])
 
 
 @pytest.mark.slow

@@ -15,9 +15,10 @@ from diffblocks_jax.core import partitions
 from diffblocks_jax.models import edm
 from diffblocks_jax import config as config_lib
 from diffblocks_jax import models
-from diffblocks_jax.training import reporting
 from diffblocks_jax.core import sampler
-from diffblocks_jax.tasks import generation
+from diffblocks_jax.tasks import generation, images
+from diffblocks_jax.training import reporting
+from conftest import judged_by
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (8, 8, 1)  # Digits-sized images.
@@ -221,30 +222,35 @@ def test_frechet_distance_matches_the_closed_form_for_diagonal_gaussians():
   a = rng.normal(size=(200_000, 3)) * [1.0, 2.0, 0.5]
   b = rng.normal(size=(200_000, 3)) * [2.0, 2.0, 1.0] + [1.0, 0.0, 0.0]
   # ‖Δμ‖² + Σ (σa² + σb² − 2σaσb) = 1 + (1 + 4 − 4) + 0 + (0.25 + 1 − 1) = 2.25
-  assert generation.frechet_distance(a, b) == pytest.approx(2.25, abs=0.03)
-  assert generation.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+  assert images.frechet_distance(a, b) == pytest.approx(2.25, abs=0.03)
+  assert images.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
   with pytest.raises(ValueError, match='feature sets'):
-    generation.frechet_distance(a, b[:, :2])
+    images.frechet_distance(a, b[:, :2])
 
 
 def test_sample_accuracy_and_balanced_labels():
-  labels = generation.balanced_labels(25, 10)
+  labels = images.balanced_labels(25, 10)
   assert np.bincount(labels).tolist() == [3] * 5 + [2] * 5
   logits = np.eye(10)[labels]
   logits[:5] = np.eye(10)[(labels[:5] + 1) % 10]  # 5 of 25 assigned elsewhere.
-  assert generation.sample_accuracy(logits, labels) == pytest.approx(0.8)
+  assert images.sample_accuracy(logits, labels) == pytest.approx(0.8)
 
 
 def test_png_grid_reads_back(tmp_path):
   from PIL import Image  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
-  images = rng.uniform(size=(6, 5, 4, 3)).astype(np.float32)
-  grid = generation.image_grid(images, rows=2)
+  unit = rng.uniform(size=(6, 5, 4, 3)).astype(np.float32)
+  grid = images.image_grid(unit, rows=2, min_size=1)  # As drawn: no upscaling.
   assert grid.shape == (2 * 6 - 1, 3 * 5 - 1, 3) and grid.dtype == np.uint8
-  np.testing.assert_array_equal(grid[6:11, 5:9], np.round(images[4] * 255).astype(np.uint8))  # Row 1, col 1.
+  np.testing.assert_array_equal(grid[6:11, 5:9], np.round(unit[4] * 255).astype(np.uint8))  # Row 1, col 1.
+  # By default each image is shown at least 32 px a side: 4 px wide → 8x, nearest neighbour.
+  shown = images.image_grid(unit, rows=2)
+  assert shown.shape == (2 * 41 - 1, 3 * 33 - 1, 3)
+  big = np.repeat(np.repeat(np.round(unit[4] * 255).astype(np.uint8), 8, axis=0), 8, axis=1)
+  np.testing.assert_array_equal(shown[41:81, 33:65], big)
   for image in (grid, grid[..., :1]):
     path = str(tmp_path / 'g.png')
-    reporting.write_png(path, image)
+    images.write_png(path, image)
     np.testing.assert_array_equal(np.asarray(Image.open(path)), image if image.shape[-1] == 3 else image[..., 0])
 
 
@@ -285,9 +291,11 @@ def test_cifar10_generation_configs_train_resume_evaluate_sample_under_mock_data
     config = cifar10_config('cifar10_dit_dblock.py', classifier)
     config.train.num_epochs = 2
     assert train.train_and_evaluate(config, workdir)['step'] == 12  # Resumed at 6, not restarted.
-    evaluated = evaluation.evaluate(config, workdir)
+    evaluated, _ = evaluation.evaluate(config, workdir)
     assert evaluated['step'] == 12 and evaluated['eval/fd'] > 0.01
-    stem = evaluation.sample(config, workdir, num_samples=12)
+    line = evaluation.sample(config, workdir, num_samples=12)
+  stem = os.path.join(workdir, 'samples', 'sample_12')
+  assert stem + '.npz' in line and stem + '.png' in line, line
   saved = np.load(stem + '.npz')
   assert saved['images'].shape == (12, 32, 32, 3) and saved['images'].dtype == np.uint8
   assert np.bincount(saved['labels']).tolist() == [2] * 2 + [1] * 8  # Class-balanced.
@@ -297,19 +305,18 @@ def test_cifar10_generation_configs_train_resume_evaluate_sample_under_mock_data
 
 
 def test_classifier_workdir_errors_name_the_field(tmp_path):
-  import types  # pylint: disable=g-import-not-at-top
-  from diffblocks_jax.training import evaluation  # pylint: disable=g-import-not-at-top
   config = cifar10_config('cifar10_dit.py', str(tmp_path / 'missing'))
   with pytest.raises(config_lib.ConfigError, match=r'config.eval.classifier_workdir=.*missing.*config.json'):
-    evaluation.load_classifier(types.SimpleNamespace(config=config))
-  for kind, name, match in (('dit', 'cifar10', 'not a classifier'), ('vit', 'cifar100', 'other data')):
+    generation.load_classifier(judged_by(config))
+  for kind, name, match in (('dit', 'cifar10', "holds a 'dit' run; the features come from an end-to-end "
+                                                "classifier \\(model.kind 'vit'\\)"), ('vit', 'cifar100', 'other data')):
     other = config_lib.load_file(os.path.join(ROOT, 'configs', 'cifar10_vit.py'))
     other.model.kind, other.data.name = kind, name
     os.makedirs(tmp_path / kind, exist_ok=True)
     (tmp_path / kind / 'config.json').write_text(other.to_json())
     config.eval.classifier_workdir = str(tmp_path / kind)
     with pytest.raises(config_lib.ConfigError, match=match):
-      evaluation.load_classifier(types.SimpleNamespace(config=config))
+      generation.load_classifier(judged_by(config))
 
 
 def test_generation_config_errors_name_the_field():

@@ -20,7 +20,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _data_config(**overrides):
+  """The base data fields with CIFAR-100 from TFDS (the datasets TFDS's mock data serves here)."""
   d = config_lib.get_base_config().data
+  d.name = 'cifar100'
   d.update(overrides)
   return d
 
@@ -35,6 +37,7 @@ import tensorflow_datasets as tfds
 from diffblocks_jax import config
 from diffblocks_jax.data import input_pipeline
 d = config.get_base_config().data
+d.name = 'cifar100'
 with tfds.testing.mock_data(num_examples=12):
   data = input_pipeline.load_dataset(d, process_index=1, process_count=2)
 assert data.train_images.shape == (6, 32, 32, 3), data.train_images.shape  # Half of 12.
@@ -165,7 +168,7 @@ def test_config_errors_name_the_field():
   with pytest.raises(DataError, match=r"config.data.source='csv'.*'tfds', 'digits', 'npz', 'folder'"):
     ip.load_dataset(_data_config(source='csv'))
   with pytest.raises(DataError, match='config.data.mean'):
-    ip.load_dataset(_data_config(source='digits'))  # CIFAR's 3-entry mean on 1-channel digits.
+    ip.load_dataset(_data_config(source='digits', mean=(0.5071, 0.4867, 0.4408)))  # CIFAR's on 1-channel digits.
 
 
 # ------------------------------------------------------------------------------------------------------- npz

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from diffblocks_jax.core import partitions
-from diffblocks_jax.training import language
+from diffblocks_jax.tasks import language
 from diffblocks_jax.core import sampler
 from diffblocks_jax.tasks import autoregressive, masked_lm
 

@@ -1,5 +1,5 @@
 """One run of each text config end to end (shrunk: a small slice of the CPython corpus as a file, tiny models):
-train, evaluate, sample; and the language settings' errors (tasks/, language.py, configs/text_*)."""
+train, evaluate, sample; and the language settings' errors (tasks/, configs/text_*)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from diffblocks_jax import config as config_lib
+from conftest import judged_by
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,7 +63,7 @@ def test_masked_configs_train_and_evaluate(tmp_path):
   # --mode=eval on the finished run: the same bound again (other draws of t), from the checkpoint. (Resuming is the
   # loop's, tested on images: tests/test_resume.py.)
   workdir = str(tmp_path / 'text_mdm_dblock.py')
-  evaluated = evaluation.evaluate(shrunk('text_mdm_dblock.py', corpus), workdir)
+  evaluated, _ = evaluation.evaluate(shrunk('text_mdm_dblock.py', corpus), workdir)
   assert evaluated['step'] == 33 and 0 < evaluated['eval/bpc'] < uniform
 
 
@@ -105,15 +106,15 @@ def test_language_settings_errors_name_the_field(tmp_path):
     config_lib.validate(image)
   masked = config_lib.load_file(os.path.join(ROOT, 'configs', 'text_mdm_dblock.py'))
   masked.eval.solver = 'ancestral'
-  with pytest.raises(config_lib.ConfigError, match="solver='ancestral' is the sampler of model.kind 'ar_dblock'"):
+  with pytest.raises(config_lib.ConfigError, match=r"config.eval.solver='ancestral' is not one of .* for "
+                                                  "model.kind='mdm_dblock'"):
     config_lib.validate(masked)
   # The scorer must be an end-to-end 'ar' run on the same data.
-  from diffblocks_jax.training import language  # pylint: disable=g-import-not-at-top
-  import types  # pylint: disable=g-import-not-at-top
+  from diffblocks_jax.tasks import autoregressive, language  # pylint: disable=g-import-not-at-top
   config = config_lib.load_file(os.path.join(ROOT, 'configs', 'text_ar_dblock.py'))
   config.eval.scorer_workdir = str(tmp_path / 'missing')
   with pytest.raises(config_lib.ConfigError, match=r'config.eval.scorer_workdir=.*missing'):
-    language.load_scorer(types.SimpleNamespace(config=config))
+    language.load_scorer(judged_by(config), autoregressive.token_nll)
   for kind, seq_len, match in (('mdm', 64, "holds a 'mdm' run"), ('ar', 32, 'other data')):
     other = config_lib.load_file(os.path.join(ROOT, 'configs', 'text_ar.py'))
     other.model.kind, other.data.seq_len = kind, seq_len
@@ -121,7 +122,7 @@ def test_language_settings_errors_name_the_field(tmp_path):
     (tmp_path / kind / 'config.json').write_text(other.to_json())
     config.eval.scorer_workdir = str(tmp_path / kind)
     with pytest.raises(config_lib.ConfigError, match=match):
-      language.load_scorer(types.SimpleNamespace(config=config))
+      language.load_scorer(judged_by(config), autoregressive.token_nll)
 
 
 # Opt-in (DIFFBLOCKS_LONG_TESTS=1): the five shipped small text configs, unchanged, about an hour on 2 cores.

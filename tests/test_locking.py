@@ -75,7 +75,8 @@ def digits_args(workdir) -> list[str]:
           '--config.train.num_epochs=3', '--config.train.batch_size=128', '--config.train.steps_per_call=3',
           '--config.train.log_every_steps=3', '--config.train.checkpoint_every_steps=6',
           '--config.train.eval_every_epochs=1', '--config.model.num_layers=2', '--config.model.hidden_size=32',
-          '--config.model.mlp_dim=64', '--library_logs']  # POINTS include an Orbax INFO line.
+          '--config.model.mlp_dim=64', '--library_logs',  # POINTS include an Orbax INFO line
+          '--verbosity=1']  # and the data loader's debug line.
 
 
 def cached(cache_dir) -> dict[str, str]:
@@ -117,7 +118,7 @@ def final_state(workdir):
   return state
 
 
-# Points in a run where SIGTERM lands: while loading the data, while compiling the first chunk, after progress
+# Points in a run where SIGTERM lands: while loading the data (a debug line, hence --verbosity=1), while compiling the first chunk, after progress
 # lines early, mid-way and late in the run, right after a checkpoint save starts, after an evaluation, and on the
 # last progress line (the only one that may come too late: three steps are left when it is printed).
 POINTS = ['Loaded digits', 'Starting from scratch', 'step 3/33', 'Started save checkpoint', 'step 9/33',

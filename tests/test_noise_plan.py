@@ -12,6 +12,7 @@ from diffblocks_jax import config as config_lib
 from diffblocks_jax.core import partitions
 from diffblocks_jax.data import input_pipeline as ip
 from diffblocks_jax.data.dataset import DataError
+from diffblocks_jax.tasks import classification
 from diffblocks_jax.tools import noise_plan
 
 MATCHED = math.log(80.0) - 3 * 1.2  # 0.78203: σ_max = 80 sits three P_std above P_mean.
@@ -19,6 +20,7 @@ MATCHED = math.log(80.0) - 3 * 1.2  # 0.78203: σ_max = 80 sits three P_std abov
 
 def _dblock_config(**diffusion_overrides):
   c = config_lib.get_base_config()
+  c.model.kind = 'dblock'
   c.data.source = 'digits'
   c.data.mean, c.data.std = (0.305,), (0.375,)
   c.diffusion.update(diffusion_overrides)
@@ -67,7 +69,7 @@ def test_the_config_option_resolves_p_mean_wherever_the_edm_is_built():
   config = _dblock_config(noise_plan='matched', p_mean=-1.2)
   assert partitions.EDM.from_config(config.diffusion).p_mean == pytest.approx(MATCHED)
   assert partitions.EDM.from_config(_dblock_config(p_mean=0.5).diffusion).p_mean == 0.5  # 'release'
-  lines = partitions.noise_plan_for(config, 3)
+  lines = classification.noise_plan_lines(config)
   assert lines[0].startswith("noise plan 'matched': P_mean 0.7820") and '3.00 P_std above' in lines[0]
   assert lines[1:] == partitions.noise_plan(3, 3, partitions.EDM(p_mean=MATCHED))
   assert 'median 6.22, 26.6 % above σ = 10' in lines[1]
@@ -83,7 +85,8 @@ def test_config_validation_names_the_noise_plan_and_validation_fraction():
   assert 'config.diffusion.noise_plan' in str(e.value) and 'config.data.validation_fraction' in str(e.value)
   vit = _dblock_config(noise_plan='matched')
   vit.model.kind = 'vit'
-  with pytest.raises(config_lib.ConfigError, match="noise_plan='matched' is for the diffused embeddings"):
+  with pytest.raises(config_lib.ConfigError, match=r"noise_plan='matched' is not one of \('release',\) for "
+                     r"model.kind='vit' \('matched' is for a diffused embedding: kinds \('dblock', 'ar_dblock'\)\)"):
     config_lib.validate(vit)
   config_lib.validate(_dblock_config(noise_plan='matched'))
   folder = _dblock_config()

@@ -37,6 +37,7 @@ def parallel_config(data_path: str = ''):
 
 def parallel_worker(workdir: str, out: str) -> None:
   import jax  # pylint: disable=g-import-not-at-top
+  from diffblocks_jax.tasks import classification  # pylint: disable=g-import-not-at-top
   from diffblocks_jax.training import checkpointing, evaluation, experiment, sharding, train# pylint: disable=g-import-not-at-top
   assert jax.device_count() == 3, jax.devices()
   rng = np.random.default_rng(0)
@@ -51,7 +52,7 @@ def parallel_worker(workdir: str, out: str) -> None:
   exp, state = experiment.load_trained(config, os.path.join(workdir, 'run'))
   report = {'result': result, 'step': int(state.step), 'total_steps': exp.total_steps,
             'steps_per_epoch': exp.steps_per_epoch,
-            'restored_accuracy': evaluation.evaluate_params(exp, state.params)}
+            'restored_accuracy': classification.evaluate_params(exp, state.params)}
   stacks = jax.tree.leaves((state.params['blocks'], state.opt_state['blocks']))
   assert all(leaf.shape[0] == 3 for leaf in stacks)  # Independent blocks are stacked: one leading block axis.
   report['block_devices'] = [sorted({shard.device.id for leaf in stacks for shard in leaf.addressable_shards

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from diffblocks_jax.training import reporting
+from diffblocks_jax.training import paths, reporting
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,12 +60,12 @@ def test_end_summary_names_results_and_where_everything_is(tmp_path):
 
 def test_resolve_path_reads_relative_paths_from_the_repository_root(tmp_path, monkeypatch):
   monkeypatch.chdir(os.path.join(ROOT, 'notebooks'))  # Where Jupyter starts a notebook's kernel.
-  assert reporting.repository_root() == ROOT
-  assert reporting.resolve_path('configs/testing.py') == os.path.join(ROOT, 'configs/testing.py')
-  assert reporting.resolve_path('evaluate.ipynb') == 'evaluate.ipynb'  # Found here: kept as given.
-  assert reporting.resolve_path(str(tmp_path)) == str(tmp_path)
+  assert paths.repository_root() == ROOT
+  assert paths.resolve_path('configs/testing.py') == os.path.join(ROOT, 'configs/testing.py')
+  assert paths.resolve_path('evaluate.ipynb') == 'evaluate.ipynb'  # Found here: kept as given.
+  assert paths.resolve_path(str(tmp_path)) == str(tmp_path)
   monkeypatch.chdir(tmp_path)  # Outside the repository: its root still comes from the package's location.
-  assert reporting.resolve_path('workdirs/x') == os.path.join(ROOT, 'workdirs/x')
+  assert paths.resolve_path('workdirs/x') == os.path.join(ROOT, 'workdirs/x')
 
 
 def test_read_metrics_round_trip(tmp_path):

@@ -79,7 +79,7 @@ tfds_preparation.unreachable_hosts = lambda urls, **kwargs: []  # The host answe
 cifar.Cifar100.url_infos = {URL: checksums.UrlInfo(size=len(blob), checksum=hashlib.sha256(blob).hexdigest(),
                                                    filename='cifar-100-binary.tar.gz')}
 d = config.get_base_config().data
-d.tfds_data_dir = data_dir
+d.name, d.tfds_data_dir = 'cifar100', data_dir
 data = input_pipeline.load_dataset(d)  # Not prepared: downloads (the stand-in), extracts, prepares, reads.
 np.savez(out, train_images=data.train_images, train_labels=data.train_labels, test_images=data.test_images,
          test_labels=data.test_labels, num_classes=data.num_classes)
@@ -108,7 +108,7 @@ def test_download_prepare_and_train_from_a_tiny_cifar100_archive(tmp_path):
        '--config.train.scale_epochs_by_blocks=False', '--config.eval.batch_size=8'],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
   assert train.returncode == 0, train.stderr[-3000:]
-  assert 'Loaded cifar100: train (16, 32, 32, 3)' in train.stderr, train.stderr[-3000:]
+  assert 'Data: cifar100: 16 training images' in train.stderr and '32x32x3' in train.stderr, train.stderr[-3000:]
   assert checkpointing.Checkpointer(workdir / 'checkpoints').all_steps()[-1] == 2
 
 
@@ -132,7 +132,7 @@ def _offline(monkeypatch):
 
 def _cifar100_config(data_dir):
   d = config_lib.get_base_config().data
-  d.tfds_data_dir = str(data_dir)
+  d.name, d.tfds_data_dir = 'cifar100', str(data_dir)
   return d
 
 

@@ -28,7 +28,7 @@ class EDM:
   def from_config(cls, diffusion_config) -> EDM:
     """The config's EDM with its noise plan resolved (`resolve_noise_plan`: 'matched' sets P_mean)."""
     edm = cls(**{f.name: float(diffusion_config[f.name]) for f in dataclasses.fields(cls)})
-    return resolve_noise_plan(edm, diffusion_config.get('noise_plan', 'release'))
+    return resolve_noise_plan(edm, diffusion_config.noise_plan)
 
   def cdf(self, sigma):
     """Φ((ln σ − P_mean)/P_std): the log-normal's CDF, in which blocks get equal probability mass."""
@@ -252,18 +252,6 @@ def noise_plan(num_blocks: int, num_steps: int, edm: EDM = DEFAULT_EDM,
     called = [f'{s:.3g}' for s in steps if route_static(s, num_blocks, edm) == block]
     lines.append(f'block {block}: trained on σ in [{lo:.3g}, {hi:.3g}], median {median:.3g}, '
                  f'{100 * above:.1f} % above σ = 10; sampler calls it at σ = {", ".join(called) or "(never)"}')
-  return lines
-
-
-def noise_plan_for(config, num_blocks: int) -> list[str]:
-  """`noise_plan` with a config's noise settings and sampler steps; a resolved noise plan says so first."""
-  edm = EDM.from_config(config.diffusion)
-  lines = noise_plan(num_blocks, config.eval.num_inference_steps or num_blocks, edm, config.diffusion.overlap)
-  plan = config.diffusion.get('noise_plan', 'release')
-  if plan != 'release':
-    lines.insert(0, f"noise plan {plan!r}: P_mean {edm.p_mean:.4f} (config.diffusion.p_mean "
-                 f"{config.diffusion.p_mean} unused); σ_max = {edm.sigma_max:g} lies "
-                 f"{(math.log(edm.sigma_max) - edm.p_mean) / edm.p_std:.2f} P_std above P_mean")
   return lines
 
 

@@ -63,3 +63,21 @@ class Dataset:
   def train_arrays(self) -> tuple[np.ndarray, ...]:
     """The training split as row-aligned arrays: what a step's batch is gathered from."""
     return self.train_images, self.train_labels
+
+  def summary(self) -> str:
+    """One line for the start of a run."""
+    h, w, c = self.train_images.shape[1:]
+    return (f'{self.name}: {self.num_train:,} training images, {len(self.test_images):,} test, {h}x{w}x{c}, '
+            f'{self.num_classes} classes')
+
+
+def padded_batches(rows: np.ndarray, batch_size: int):
+  """(batch, real) over `rows` in batches of one shape: the last batch is padded with copies of its last row
+  (`real` rows are the data; drop the rest of the output), so a jitted function compiles once and nothing is
+  dropped or scored twice."""
+  for start in range(0, len(rows), batch_size):
+    batch = rows[start:start + batch_size]
+    real = len(batch)
+    if real < batch_size:
+      batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - real, axis=0)])
+    yield batch, real

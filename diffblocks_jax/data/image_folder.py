@@ -39,7 +39,7 @@ def load(data_config):
     raise DataError(f'{root / "train"}: class folder(s) {empty[:10]} hold no images (extensions '
                     f'{sorted(IMAGE_EXTENSIONS)}); add images or remove the folder(s)')
   train = [(path, c) for c, name in enumerate(classes) for path in files[name]]
-  train = [train[i] for i in np.random.default_rng(data_config.get('split_seed', 0)).permutation(len(train))]
+  train = [train[i] for i in np.random.default_rng(data_config.split_seed).permutation(len(train))]
   test = _val_files(root, {name: c for c, name in enumerate(classes)})
   if not test:
     raise DataError(f'{root / "val"} holds no images; the test split needs some (val/<class>/* or val/images '

@@ -21,9 +21,7 @@ import numpy as np
 
 from diffblocks_jax.data import crops, npz, tfds_preparation
 from diffblocks_jax.data.dataset import DataError, Dataset
-
-SOURCES = ('tfds', 'digits', 'npz', 'folder')  # Images; text sources are data/text.py's.
-TEXT_SOURCES = ('text', 'pydoc')
+from diffblocks_jax.tasks import registry
 _NPZ_KEYS = ('x_train', 'y_train', 'x_test', 'y_test')
 _TFDS_CHUNK = 1024  # Examples per batched read from a TFDS data source.
 
@@ -36,11 +34,12 @@ def load_dataset(data_config, *, process_index: int = 0, process_count: int = 1)
   Shards are equal-sized (the last `N % process_count` examples are dropped) so that every process runs the
   same number of steps per epoch; unequal counts would deadlock the collectives of a multi-host run.
   """
-  if data_config.source in TEXT_SOURCES:
+  family = registry.SOURCES.get(data_config.source)
+  if family is None:
+    raise DataError(f'config.data.source={data_config.source!r} is not one of {tuple(registry.SOURCES)}')
+  if family == 'text':
     from diffblocks_jax.data import text  # pylint: disable=g-import-not-at-top
     return text.load_text(data_config, process_index=process_index, process_count=process_count)
-  if data_config.source not in SOURCES:
-    raise DataError(f'config.data.source={data_config.source!r} is not one of {SOURCES + TEXT_SOURCES}')
   if data_config.source == 'folder' and data_config.on_corrupt not in ('error', 'skip'):
     raise DataError(f"config.data.on_corrupt={data_config.on_corrupt!r} is not one of ('error', 'skip')")
   if not 0 <= process_index < process_count:
@@ -49,7 +48,7 @@ def load_dataset(data_config, *, process_index: int = 0, process_count: int = 1)
   loader = {'tfds': _load_tfds, 'digits': _load_digits, 'npz': _load_npz, 'folder': _load_folder}
   data = loader[data_config.source](data_config, shard)
   _check_normalisation(data_config, data.channels)
-  logging.info('Loaded %s: train %s (process %d of %d), test %s, %d classes.', data.name,
+  logging.debug('Loaded %s: train %s (process %d of %d), test %s, %d classes.', data.name,
                data.train_images.shape, process_index, process_count, data.test_images.shape, data.num_classes)
   return data
 
@@ -105,7 +104,7 @@ def _load_tfds(data_config, shard) -> Dataset:
 def _tfds_splits(builder, data_config) -> list[str]:
   """[train, test]; with `data.validation_fraction`, the train split's first share becomes the test split
   (a slice: TFDS shuffles CIFAR's train split once, so its head is a fair sample) and the rest trains."""
-  train, fraction = data_config.train_split, data_config.get('validation_fraction', 0.0)
+  train, fraction = data_config.train_split, data_config.validation_fraction
   if not fraction:
     return [train, data_config.test_split]
   if '[' in train:
@@ -170,11 +169,11 @@ def _load_digits(data_config, shard) -> Dataset:
   images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]  # 0..16 -> 0..255
   labels = digits.target.astype(np.int32)
   train_idx, test_idx = model_selection.train_test_split(
-      np.arange(len(labels)), test_size=0.2, stratify=labels, random_state=data_config.get('split_seed', 0))
-  if data_config.get('validation_fraction', 0.0):  # The 360 test images stay unread from here on.
+      np.arange(len(labels)), test_size=0.2, stratify=labels, random_state=data_config.split_seed)
+  if data_config.validation_fraction:  # The 360 test images stay unread from here on.
     train_idx, test_idx = validation_split(labels[train_idx], data_config, indices=train_idx)
   train = _sharded(images[train_idx], labels[train_idx], shard)
-  name = 'digits (validation)' if data_config.get('validation_fraction', 0.0) else 'digits'
+  name = 'digits (validation)' if data_config.validation_fraction else 'digits'
   return Dataset(*train, images[test_idx], labels[test_idx], 10, name)
 
 
@@ -190,7 +189,7 @@ def validation_split(labels: np.ndarray, data_config, *, indices: np.ndarray | N
   try:
     train, validation = model_selection.train_test_split(
         np.arange(len(labels)), test_size=fraction, stratify=stratify,
-        random_state=data_config.get('split_seed', 0))
+        random_state=data_config.split_seed)
   except ValueError as e:
     raise DataError(f'config.data.validation_fraction={fraction} cannot split {len(labels)} training '
                     f'examples: {e}') from e
@@ -211,7 +210,7 @@ def _load_npz(data_config, shard) -> Dataset:
   if missing:
     raise DataError(f'{where} lacks {missing} (it has {sorted(stored)}); it needs {_NPZ_KEYS}')
   arrays = {key: _npz_array(stored[key], key, path) for key in _NPZ_KEYS}
-  if data_config.get('validation_fraction', 0.0):  # Evaluate on a share of train; x_test/y_test go unused.
+  if data_config.validation_fraction:  # Evaluate on a share of train; x_test/y_test go unused.
     train_idx, val_idx = validation_split(arrays['y_train'], data_config)
     x, y = arrays['x_train'], arrays['y_train']
     arrays.update(x_train=x[train_idx], y_train=y[train_idx], x_test=x[val_idx], y_test=y[val_idx])
@@ -287,7 +286,7 @@ def augment(key: jax.Array, images_uint8: jax.Array, data_config) -> jax.Array:
   """
   crop_key, flip_key, randaugment_key = jax.random.split(key, 3)
   images = images_uint8
-  if data_config.get('random_resized_crop', False):
+  if data_config.random_resized_crop:
     images = crops.random_resized_crop(crop_key, images, tuple(data_config.resized_crop_scale),
                                        tuple(data_config.resized_crop_ratio))
   elif data_config.pad_crop:

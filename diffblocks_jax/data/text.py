@@ -23,8 +23,8 @@ from absl import logging
 import numpy as np
 
 from diffblocks_jax.data.dataset import DataError
+from diffblocks_jax.tasks import registry
 
-SOURCES = ('text', 'pydoc')
 VOCABS = ('char', 'byte')
 _NUM_CODEPOINTS = 0x110000  # Unicode's code space: the size of the codepoint -> token lookup table.
 _TFDS_CHUNK = 1024  # Examples per batched read from a TFDS data source.
@@ -88,6 +88,12 @@ class TextDataset:
     """The training split as row-aligned arrays: what a step's batch is gathered from."""
     return (self.train_tokens,)
 
+  def summary(self) -> str:
+    """One line for the start of a run."""
+    vocab = 'bytes' if self.vocab is None else f'{self.vocab_size} characters'
+    return (f'{self.name}: {self.num_train:,} training windows of {self.seq_len} tokens, {len(self.test_tokens):,} '
+            f'held out; vocabulary {vocab}')
+
   # cached_property writes the instance __dict__ directly, so it works on a frozen dataclass.
   @functools.cached_property
   def _codepoints(self) -> np.ndarray:  # Token id -> codepoint.
@@ -149,7 +155,7 @@ def load_text(data_config, *, process_index: int = 0, process_count: int = 1) ->
   else:
     name, (train_text, test_text) = data_config.name, _load_tfds_text(data_config)
   texts = (train_text, test_text)
-  if data_config.get('validation_fraction', 0.0):
+  if data_config.validation_fraction:
     # Evaluate on the train text's tail; the test text only lends its characters to the vocabulary, so the
     # model (its embedding table) is the same as the final run's.
     name += ' (validation)'
@@ -164,7 +170,7 @@ def load_text(data_config, *, process_index: int = 0, process_count: int = 1) ->
     start, stop = _shard_bounds(len(train), (process_index, process_count), name, seq_len)
     train = train[start:stop].copy()  # A copy frees the full split.
   data = TextDataset(train, test, vocab, name)
-  logging.info('Loaded text %s: %s vocabulary of %d, train %d windows (process %d of %d), test %d windows, '
+  logging.debug('Loaded text %s: %s vocabulary of %d, train %d windows (process %d of %d), test %d windows, '
                'seq_len %d.', name, data_config.vocab, data.vocab_size, data.num_train, process_index,
                process_count, len(test), seq_len)
   return data
@@ -172,8 +178,9 @@ def load_text(data_config, *, process_index: int = 0, process_count: int = 1) ->
 
 def _check_config(data_config, process_index: int, process_count: int) -> None:
   """Every field this module reads, checked before any file or dataset is read."""
-  if data_config.source not in SOURCES:
-    raise DataError(f'config.data.source={data_config.source!r} is not a text source; use one of {SOURCES}')
+  if registry.SOURCES.get(data_config.source) != 'text':
+    sources = tuple(s for s, family in registry.SOURCES.items() if family == 'text')
+    raise DataError(f'config.data.source={data_config.source!r} is not a text source; use one of {sources}')
   if data_config.vocab not in VOCABS:
     raise DataError(f'config.data.vocab={data_config.vocab!r} is not one of {VOCABS}')
   seq_len = data_config.seq_len

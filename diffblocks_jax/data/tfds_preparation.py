@@ -28,7 +28,7 @@ _SNAPSHOT_DEPTH = 3  # TFDS writes <root>/<name>/[<config>/]<version>, <root>/do
 def prepare(builder, data_config) -> None:
   """Downloads and prepares `builder`'s data as array_record, or raises DataError saying why and what to do."""
   name, where = data_config.name, builder.data_dir
-  if not data_config.get('tfds_download', True):
+  if not data_config.tfds_download:
     raise DataError(_not_prepared(name, where, 'config.data.tfds_download=False, so nothing is downloaded',
                                   data_config))
   try:

@@ -1,5 +1,8 @@
-"""Model construction from a config: classification (ViT, DiffusionBlocks ViT-DiT), image generation (DiT) or
-language modelling (masked diffusion DiT, autoregressive Llama)."""
+"""Model construction from a config: the network of `config.model.kind`, as the kind registry names it
+(tasks/registry.py): classification (ViT, DiffusionBlocks ViT-DiT), image generation (DiT) or language modelling
+(masked diffusion DiT, autoregressive Llama)."""
+
+import inspect
 
 import jax.numpy as jnp
 from flax import nnx
@@ -8,54 +11,39 @@ from diffblocks_jax.models.dblock import DiffusionBlocksViT, partition_layers
 from diffblocks_jax.models.dit import DiffusionBlocksDiT, DiT
 from diffblocks_jax.models.text import ARLM, DiffusionBlocksAR, DiffusionBlocksMaskedDiT, MaskedDiT
 from diffblocks_jax.models.vit import ViT
+from diffblocks_jax.tasks import registry
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
-_IMAGE_DIMS = ('image_size', 'channels', 'num_classes')
-_TEXT_DIMS = ('vocab_size', 'seq_len')
-# model.kind -> the data dimensions its constructor needs (what `build` checks before building).
-KIND_DIMS = {'vit': _IMAGE_DIMS, 'dblock': _IMAGE_DIMS, 'dit': _IMAGE_DIMS, 'dit_dblock': _IMAGE_DIMS,
-             'mdm': _TEXT_DIMS, 'mdm_dblock': _TEXT_DIMS, 'ar': _TEXT_DIMS, 'ar_dblock': _TEXT_DIMS}
 
-
-def build(model_config, *, seed: int = 0, sigma_data: float = 0.5, image_size: int | None = None,
-          channels: int | None = None, num_classes: int | None = None, vocab_size: int | None = None,
-          seq_len: int | None = None) -> nnx.Module:
+def build(model_config, *, seed: int = 0, sigma_data: float = 0.5, **data_dims: int | None) -> nnx.Module:
   """A model with initialised parameters; wrap in `nnx.eval_shape` to get shapes only.
 
-  The data dimensions a kind needs (KIND_DIMS) come from the data; the others are ignored. `sigma_data` is EDM's
-  data scale, which the EDM-preconditioned models (DiT, the autoregressive DiffusionBlocks LM) need.
+  `data_dims` are the data's dimensions (image_size, channels, num_classes; vocab_size, seq_len): the kind's data
+  family says which its constructor takes (registry.DATA_DIMS), the others are ignored. `sigma_data` is EDM's data
+  scale, for the networks that precondition with it (DiT, the autoregressive DiffusionBlocks LM); a block-wise
+  network that takes `layer_counts` gets the config's cut (`partition_layers`).
   """
-  kind = model_config.kind
-  if kind not in KIND_DIMS:
-    raise ValueError(f'model.kind must be one of {", ".join(map(repr, KIND_DIMS))}, got {kind!r}')
+  kind = registry.kind(model_config.kind)
   if model_config.compute_dtype not in DTYPES:
     raise ValueError(f'model.compute_dtype must be one of {sorted(DTYPES)}, got {model_config.compute_dtype!r}')
-  given = dict(image_size=image_size, channels=channels, num_classes=num_classes, vocab_size=vocab_size,
-               seq_len=seq_len)
-  missing = [name for name in KIND_DIMS[kind] if given[name] is None]
-  if missing:
-    raise ValueError(f'model.kind={kind!r} needs the data dimensions {", ".join(KIND_DIMS[kind])}; missing: '
-                     f'{", ".join(missing)} (kinds: {", ".join(KIND_DIMS)})')
-  kwargs = {name: given[name] for name in KIND_DIMS[kind]}
+  needed = registry.DATA_DIMS[kind.data]
+  unknown = set(data_dims) - {d for dims in registry.DATA_DIMS.values() for d in dims}
+  missing = [name for name in needed if data_dims.get(name) is None]
+  if unknown or missing:
+    raise ValueError(f'model.kind={model_config.kind!r} needs the data dimensions {", ".join(needed)}; missing: '
+                     f'{", ".join(missing) or "none"}; unknown: {", ".join(sorted(unknown)) or "none"}')
+  kwargs = {name: data_dims[name] for name in needed}
   kwargs.update(rngs=nnx.Rngs(seed), dtype=DTYPES[model_config.compute_dtype])
-  if kind.endswith('_dblock'):
-    counts = partition_layers(model_config.num_layers, model_config.num_blocks, model_config.layers_per_block)
-  if kind == 'vit':
-    return ViT(model_config, **kwargs)
-  if kind == 'dblock':
-    return DiffusionBlocksViT(model_config, **kwargs)
-  if kind == 'dit':
-    return DiT(model_config, sigma_data=sigma_data, **kwargs)
-  if kind == 'dit_dblock':
-    return DiffusionBlocksDiT(model_config, counts, sigma_data=sigma_data, **kwargs)
-  if kind == 'mdm':
-    return MaskedDiT(model_config, **kwargs)
-  if kind == 'mdm_dblock':
-    return DiffusionBlocksMaskedDiT(model_config, counts, **kwargs)
-  if kind == 'ar':
-    return ARLM(model_config, **kwargs)
-  return DiffusionBlocksAR(model_config, counts, sigma_data=sigma_data, **kwargs)  # 'ar_dblock'
+  cls = registry.model_class(model_config.kind)
+  # What a constructor names, it is given: EDM's data scale, and a block-wise network's layers per block.
+  takes = inspect.signature(cls.__init__).parameters
+  if 'sigma_data' in takes:
+    kwargs['sigma_data'] = sigma_data
+  if 'layer_counts' in takes:
+    kwargs['layer_counts'] = partition_layers(model_config.num_layers, model_config.num_blocks,
+                                              model_config.layers_per_block)
+  return cls(model_config, **kwargs)
 
 
 def split(model: nnx.Module):
@@ -65,5 +53,5 @@ def split(model: nnx.Module):
 
 
 __all__ = ['ARLM', 'DTYPES', 'DiT', 'DiffusionBlocksAR', 'DiffusionBlocksDiT',
-           'DiffusionBlocksMaskedDiT', 'DiffusionBlocksViT', 'KIND_DIMS', 'MaskedDiT', 'ViT', 'build',
+           'DiffusionBlocksMaskedDiT', 'DiffusionBlocksViT', 'MaskedDiT', 'ViT', 'build',
            'partition_layers', 'split']

@@ -1,17 +1,23 @@
-"""Tasks: what is diffused and how it is scored. Each task module offers the same functions to the loop:
+"""Tasks: what is diffused and how it is scored. A task is one module here; `registry.py` maps each model kind to
+its task. Every task module offers the same names, and the loop and `--mode=eval|sample` call nothing else:
 
+  UNIT                                    what a progress line counts per second ('img', 'seq')
   make_task(config, data) -> task         the object the core's steps and sampler ask (target, loss, ...)
-  partition(config, data=None)            the noise plan of its blocks
+  partition(config, data=None)            the noise plan of its blocks (core/partitions.py)
   train_batch(key, rows, data_config)     -> (inputs, targets) of a step from gathered training rows
   make_train_step(graphdef, config, schedule, *, data, block=None, placement=...)
+  make_evaluator(exp, workdir)            -> evaluate(params, step) -> (metrics, one log line)
+  write_samples(exp, workdir, params, step, num) -> path   (--mode=sample; absent: the task has no samples)
+  start_lines(exp) -> [str]               optional: what the log says about the plan when a run starts
+
+`exp` is the run's `training.experiment.Experiment`: the resolved config, the data, the model's graphdef, the
+run's random streams (`exp.key`), placement helpers and the loader of judging runs (`exp.load_judge`).
+docs/architecture.md ("Adding a task") walks through a new one.
 """
 
-from diffblocks_jax import config as config_lib
+from diffblocks_jax.tasks import registry
 
 
 def module(config):
-  """The task module of a config's model.kind (config.KINDS)."""
-  # pylint: disable-next=g-import-not-at-top
-  from diffblocks_jax.tasks import autoregressive, classification, generation, masked_lm
-  return {'classification': classification, 'generation': generation, 'masked_lm': masked_lm,
-          'autoregressive': autoregressive}[config_lib.task_name(config)]
+  """The task module of a config's model.kind."""
+  return registry.task_module(config.model.kind)

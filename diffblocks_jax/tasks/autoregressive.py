@@ -22,9 +22,11 @@ import optax
 from flax import nnx
 
 from diffblocks_jax import config as config_lib
-from diffblocks_jax.core import partitions
-from diffblocks_jax.core import blocks, sampler, steps
+from diffblocks_jax.core import blocks, partitions, sampler, steps
+from diffblocks_jax.tasks import language, registry
 from diffblocks_jax.tasks.masked_lm import sample_tokens
+
+UNIT = 'seq'  # Progress lines count sequences per second.
 
 
 AR_SOLVERS = ('euler', 'ancestral')  # eval.solver for 'ar_dblock'.
@@ -166,7 +168,7 @@ def train_batch(key, rows, data_config):
 def make_train_step(graphdef, config, schedule, *, data, block: int | None = None,
                     placement: blocks.Placement = blocks.ON_DEVICE):
   task = make_task(config, data)
-  if not config_lib.uses_blocks(config):
+  if not registry.kind(config.model.kind).blockwise:
     return steps.make_end_to_end_step(graphdef, task, config.optim, schedule)
   return steps.make_block_step(graphdef, task, partition(config), config.optim, schedule, block=block,
                                placement=placement)
@@ -177,10 +179,44 @@ def make_sample_fn(graphdef, config, data):
   blocks for 'ar_dblock'."""
   e = config.eval
   options = dict(temperature=e.temperature, top_k=e.top_k)
-  if not config_lib.uses_blocks(config):
+  if not registry.kind(config.model.kind).blockwise:
     return lambda params, key, num: ancestral(nnx.merge(graphdef, params), key, num, data.seq_len, **options)
   task, plan = make_task(config), partition(config)
-  num_steps = e.num_inference_steps or config_lib.num_blocks(config)
+  num_steps = inference_steps(config)
   return lambda params, key, num: denoise_tokens(task, nnx.merge(graphdef, params), key, num, data.seq_len,
                                                  partition=plan, num_steps=num_steps, grid=e.sigma_grid,
                                                  solver=e.solver, **options)
+
+
+def inference_steps(config) -> int:
+  """The sampler's steps per token: config.eval.num_inference_steps, 0 meaning B (each block once)."""
+  return config.eval.num_inference_steps or config_lib.num_blocks(config)
+
+
+# ----------------------------------------------------------------------------------- evaluation of a run
+
+def make_evaluator(exp, workdir: str):
+  """End to end: eval/bpc and the perplexity of its own samples under itself. DiffusionBlocks: each block's
+  held-out denoising cross-entropy, and its samples' perplexity under the end-to-end run of
+  config.eval.scorer_workdir (loaded and checked here, before training)."""
+  c, graphdef = exp.config, exp.graphdef
+  if not exp.blockwise:
+    scorer = language.Scorer(graphdef, token_nll)  # The baseline scores the held-out text and its own samples.
+    held_out = lambda params, tokens, key, batch: {
+        'eval/bpc': scorer.mean_nll(tokens, batch, params) * language.BITS_PER_NAT}
+  else:
+    scorer = language.load_scorer(exp, token_nll)
+    task, plan = make_task(c), partition(c)
+    block_ce_fn = jax.jit(lambda p, x, k: block_ce(task, nnx.merge(graphdef, p), x, k, plan))
+
+    def held_out(params, tokens, key, batch):
+      ce = language.mean_over_rows(lambda x, i: block_ce_fn(params, x, jax.random.fold_in(key, i)), tokens, batch)
+      return {f'eval/ce_block{b}': float(v) for b, v in enumerate(ce)}
+
+  return language.LanguageEvaluator(exp, workdir, sample_fn=make_sample_fn(graphdef, c, exp.data),
+                                    held_out=held_out, scorer=scorer)
+
+
+def write_samples(exp, workdir: str, params, step: int, num: int) -> str:
+  return language.write_samples(exp, workdir, params, step, num,
+                                make_sample_fn(exp.graphdef, exp.config, exp.data))

@@ -4,12 +4,13 @@ Target: the row of the label table E for the true class, L2-normalised. A block'
 its loss is the cross-entropy weighted by w(σ); its estimate of the clean target is x̂ = softmax(logits)·E.
 Unconditional (guidance): the image zeroed. The baseline ViT is the end-to-end form of the same task.
 
-This module is also where a config becomes a step and a predictor: `model.kind` is read here and nowhere else.
+Evaluation: test accuracy of the sampler's final logits over the whole test split (`eval/accuracy`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import jax
@@ -19,9 +20,11 @@ import optax
 from flax import nnx
 
 from diffblocks_jax import config as config_lib
-from diffblocks_jax.core import partitions
-from diffblocks_jax.core import blocks, sampler, steps
-from diffblocks_jax.data import input_pipeline
+from diffblocks_jax.core import blocks, partitions, sampler, steps
+from diffblocks_jax.data import dataset, input_pipeline
+from diffblocks_jax.tasks import registry
+
+UNIT = 'img'  # Progress lines count images per second.
 
 
 def label_table(model, block) -> jax.Array:
@@ -101,9 +104,9 @@ def train_batch(key, rows, data_config):
 
 def make_train_step(graphdef, config, schedule, *, data=None, block: int | None = None,
                     placement: blocks.Placement = blocks.ON_DEVICE):
-  """The config's step: end-to-end for model.kind 'vit', block-wise for 'dblock' (`block` fixes the block)."""
+  """The config's step: end to end for the baseline, block-wise for DiffusionBlocks (`block` fixes the block)."""
   task = make_task(config, data)
-  if config.model.kind == 'vit':
+  if not registry.kind(config.model.kind).blockwise:
     return steps.make_end_to_end_step(graphdef, task, config.optim, schedule)
   return steps.make_block_step(graphdef, task, partition(config), config.optim, schedule,
                               condition_dropout=config.diffusion.class_dropout_prob, block=block,
@@ -131,9 +134,9 @@ def guided_logits(model, images, z, sigma: float, block: int, cfg_scale: float):
 def make_predict_fn(graphdef, config, *, num_steps: int | None = None, cfg_scale: float | None = None,
                     normalized_embeddings: bool | None = None) -> Callable:
   """`predict(params, images, key) -> logits` for either model kind; jit it once per batch shape."""
-  if config.model.kind == 'vit':
+  if not registry.kind(config.model.kind).blockwise:
     return lambda params, images, key: nnx.merge(graphdef, params)(images)
-  n = num_steps or config.eval.num_inference_steps or config_lib.num_blocks(config)
+  n = num_steps or inference_steps(config)
   s = config.eval.cfg_scale if cfg_scale is None else cfg_scale
   norm = config.eval.normalized_embeddings if normalized_embeddings is None else normalized_embeddings
   edm = partitions.EDM.from_config(config.diffusion)
@@ -145,23 +148,74 @@ def make_predict_fn(graphdef, config, *, num_steps: int | None = None, cfg_scale
   return predict
 
 
+def inference_steps(config) -> int:
+  """The sampler's steps: config.eval.num_inference_steps, 0 meaning B (each block runs once, SPEC §7)."""
+  return config.eval.num_inference_steps or config_lib.num_blocks(config)
+
+
 def predict_split(predict: Callable, params, images: np.ndarray, batch_size: int, key: jax.Array,
                   preprocess: Callable = lambda x: x) -> np.ndarray:
   """Logits for every example of a split (uint8 on the host): the last partial batch is padded, not dropped.
 
   `predict` must already be jitted; padding keeps one batch shape so it compiles once.
   """
-  n = len(images)
-  out = []
-  for i, start in enumerate(range(0, n, batch_size)):
-    batch = images[start:start + batch_size]
-    pad = batch_size - len(batch)
-    if pad:
-      batch = np.concatenate([batch, np.zeros((pad,) + batch.shape[1:], batch.dtype)])
-    logits = predict(params, preprocess(batch), jax.random.fold_in(key, i))
-    out.append(np.asarray(logits)[:batch_size - pad])
+  out = [np.asarray(predict(params, preprocess(batch), jax.random.fold_in(key, i)))[:real]
+         for i, (batch, real) in enumerate(dataset.padded_batches(images, batch_size))]
   return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
   return float(np.mean(np.argmax(logits, axis=-1) == labels))
+
+
+# ----------------------------------------------------------------------------------- evaluation of a run
+
+def make_eval_fn(exp, **sampler_overrides):
+  """(params) → test logits for the whole split of the experiment `exp` (padded last batch, nothing dropped)."""
+  predict = make_predict_fn(exp.graphdef, exp.config, **sampler_overrides)
+  data_config, batches = exp.config.data, exp.eval_batches()
+  # Logits replicated: every process can read them (multi-host) and score the split. The parameters come as
+  # they are (block-parallel: each block on its group; XLA moves what the sampler needs).
+  jitted = jax.jit(lambda p, x, k: predict(p, input_pipeline.normalize(x, data_config), k),
+                   in_shardings=(None, batches, None), out_shardings=exp.replicated())
+  # Every process holds the whole test split: each places its devices' rows of a batch.
+  to_global = lambda batch: jax.make_array_from_callback(batch.shape, batches, lambda index: batch[index])
+  key = exp.key('eval')
+  return lambda params: predict_split(jitted, exp.on_device(params), exp.data.test_images, exp.eval_batch_size,
+                                      key, preprocess=to_global)
+
+
+def evaluate_params(exp, params, **sampler_overrides) -> float:
+  """Test accuracy of `params` (sampler settings overridable: num_steps, cfg_scale, normalized_embeddings)."""
+  return accuracy(make_eval_fn(exp, **sampler_overrides)(params), exp.data.test_labels)
+
+
+def make_evaluator(exp, workdir: str):
+  """(params, step) -> ({'eval/accuracy': ...}, log line)."""
+  del workdir  # Nothing is written beside the metrics.
+  eval_fn = make_eval_fn(exp)
+
+  def evaluate(params, step):
+    del step
+    acc = accuracy(eval_fn(params), exp.data.test_labels)
+    return {'eval/accuracy': acc}, f'test accuracy {acc:.4f} on {len(exp.data.test_labels)} images'
+
+  return evaluate
+
+
+def noise_plan_lines(config) -> list[str]:
+  """Where each block trains against where the sampler calls it (`partitions.noise_plan`); a resolved noise plan
+  says so first."""
+  edm = partitions.EDM.from_config(config.diffusion)
+  lines = partitions.noise_plan(config_lib.num_blocks(config), inference_steps(config), edm,
+                                config.diffusion.overlap)
+  if config.diffusion.noise_plan != 'release':
+    lines.insert(0, f'noise plan {config.diffusion.noise_plan!r}: P_mean {edm.p_mean:.4f} (config.diffusion.p_mean '
+                 f'{config.diffusion.p_mean} unused); σ_max = {edm.sigma_max:g} lies '
+                 f'{(math.log(edm.sigma_max) - edm.p_mean) / edm.p_std:.2f} P_std above P_mean')
+  return lines
+
+
+def start_lines(exp) -> list[str]:
+  """Logged when a block-wise run starts: the noise plan per block (docs/results.md: why it matters)."""
+  return noise_plan_lines(exp.config) if exp.blockwise else []

@@ -23,8 +23,10 @@ import numpy as np
 from flax import nnx
 
 from diffblocks_jax import config as config_lib
-from diffblocks_jax.core import partitions
-from diffblocks_jax.core import blocks, sampler, steps
+from diffblocks_jax.core import blocks, partitions, sampler, steps
+from diffblocks_jax.tasks import language, registry
+
+UNIT = 'seq'  # Progress lines count sequences per second.
 
 # The loss's 1/t is bounded by clipping t here: a draw of exactly 0 (possible for the lowest slice) would give
 # 0/0. Below 1e-4 a sequence of 128 tokens is unmasked with probability > 98 %, so the clip changes nothing else.
@@ -173,7 +175,7 @@ def train_batch(key, rows, data_config):
 def make_train_step(graphdef, config, schedule, *, data, block: int | None = None,
                     placement: blocks.Placement = blocks.ON_DEVICE):
   task = make_task(config, data)
-  if not config_lib.uses_blocks(config):
+  if not registry.kind(config.model.kind).blockwise:
     return steps.make_end_to_end_step(graphdef, task, config.optim, schedule)
   return steps.make_block_step(graphdef, task, partition(config, data), config.optim, schedule, block=block,
                                placement=placement)
@@ -210,7 +212,7 @@ def make_sample_fn(graphdef, config, data):
   """`sample(params, key, num) -> (num, L)` tokens (`num` static)."""
   task, plan = make_task(config, data), partition(config, data)
   e = config.eval
-  num_steps = e.num_inference_steps or max(config_lib.num_blocks(config), data.seq_len)
+  num_steps = inference_steps(config, data)
 
   def sample(params, key, num):
     return unmask(task, nnx.merge(graphdef, params), key, num, data.seq_len, partition=plan, num_steps=num_steps,
@@ -218,3 +220,31 @@ def make_sample_fn(graphdef, config, data):
 
   return sample
 
+
+
+def inference_steps(config, data) -> int:
+  """The sampler's steps: config.eval.num_inference_steps, 0 meaning max(B, L) (at most one token unmasked per
+  step on average)."""
+  return config.eval.num_inference_steps or max(config_lib.num_blocks(config), data.seq_len)
+
+
+# ----------------------------------------------------------------------------------- evaluation of a run
+
+def make_evaluator(exp, workdir: str):
+  """eval/bpc (the bound in bits per character) and its per-block slices; samples and their entropy."""
+  bound = jax.jit(make_bound_fn(exp.graphdef, exp.config, exp.data))
+
+  def held_out(params, tokens, key, batch):
+    terms = language.mean_over_rows(lambda x, i: bound(params, x, jax.random.fold_in(key, i)), tokens, batch)
+    metrics = {'eval/bpc': float(terms.sum() * language.BITS_PER_NAT)}
+    if len(terms) > 1:
+      metrics.update({f'eval/bpc_block{b}': float(v * language.BITS_PER_NAT) for b, v in enumerate(terms)})
+    return metrics
+
+  return language.LanguageEvaluator(exp, workdir, sample_fn=make_sample_fn(exp.graphdef, exp.config, exp.data),
+                                    held_out=held_out)
+
+
+def write_samples(exp, workdir: str, params, step: int, num: int) -> str:
+  return language.write_samples(exp, workdir, params, step, num,
+                                make_sample_fn(exp.graphdef, exp.config, exp.data))

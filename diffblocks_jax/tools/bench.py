@@ -77,8 +77,11 @@ class Setting:
 
 
 def suite_config(dtype: str, batch: int = 128, **model) -> Any:
-  """The base config (SPEC §2 CIFAR model) with a compute dtype, batch and model overrides."""
+  """The base config (SPEC §2 CIFAR model; the data is synthetic, of CIFAR's shape) with a compute dtype, batch
+  and model overrides."""
   c = config_lib.get_base_config()
+  c.model.kind = 'dblock'  # Each row sets its own (variant_config).
+  c.data.name = 'cifar100'
   c.model.compute_dtype = dtype
   c.model.update(model)
   c.train.batch_size = batch

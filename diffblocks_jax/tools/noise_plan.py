@@ -29,6 +29,7 @@ from ml_collections import config_flags
 
 from diffblocks_jax import config as config_lib
 from diffblocks_jax.core import partitions
+from diffblocks_jax.tasks import classification
 
 
 def _define_flags() -> None:
@@ -63,7 +64,7 @@ def plan_report(config, p_mean=None) -> list[str]:
   """The header (P_mean, how far σ_max lies above it) and `diffusion.noise_plan`'s line per block."""
   edm = resolved_edm(config, p_mean)
   num_blocks = config_lib.num_blocks(config)
-  steps = config.eval.num_inference_steps or num_blocks
+  steps = classification.inference_steps(config)
   reach = (math.log(edm.sigma_max) - edm.p_mean) / edm.p_std
   tail = float(1.0 - edm.cdf(edm.sigma_max)) if reach < 38 else 0.0
   head = (f'P_mean {edm.p_mean:.4f}, P_std {edm.p_std:g}, B={num_blocks}, N={steps}: the sampler starts at '
@@ -78,7 +79,7 @@ def write_figure(config, path: str, candidates=('release', 'matched')) -> str:
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   from diffblocks_jax.tools import diagnostics  # pylint: disable=g-import-not-at-top
   num_blocks = config_lib.num_blocks(config)
-  steps = config.eval.num_inference_steps or num_blocks
+  steps = classification.inference_steps(config)
   fig, axes = plt.subplots(1, len(candidates), figsize=(5.2 * len(candidates), 3.2), sharey=True, squeeze=False)
   for ax, candidate in zip(axes[0], candidates):
     edm = resolved_edm(config, candidate)
@@ -147,14 +148,14 @@ def sweep(config, candidates, *, seeds, fraction: float = 0.2, epochs: int = 0, 
   Candidates are (label, p_mean, overrides) or (label, p_mean, overrides, trained_label): the last form
   re-scores the runs of `trained_label` under the overrides (eval.* settings) instead of training.
   `train_fn(config, workdir)` and `eval_fn(config, workdir)` return metrics with 'eval/accuracy'; they default
-  to `train.train_and_evaluate` and `evaluation.evaluate`.
+  to `train.train_and_evaluate` and `evaluation.evaluate`'s metrics.
   """
   if train_fn is None:
     from diffblocks_jax.training import train  # pylint: disable=g-import-not-at-top
     train_fn = train.train_and_evaluate
   if eval_fn is None:
     from diffblocks_jax.training import evaluation  # pylint: disable=g-import-not-at-top
-    eval_fn = evaluation.evaluate
+    eval_fn = lambda c, w: evaluation.evaluate(c, w)[0]
   scores = {}
   for label, p_mean, overrides, *trained in candidates:
     scores[label] = []

@@ -1,6 +1,10 @@
 """What a config builds before training: the mesh, the data, the model's shapes and shardings, the schedule
 (`Experiment`); and a trained run read back from its workdir (`load_trained`). Shared by the training loop,
 evaluation, the benchmark and the notebooks.
+
+The experiment is also what a task's evaluator is given (tasks/__init__.py): the config resolved once (B, the
+noise plan's EDM, the evaluation batch), the run's random streams, the placement helpers and the loader of the
+runs that judge this one — so that tasks never import the training layer.
 """
 
 from __future__ import annotations
@@ -16,8 +20,18 @@ from flax import nnx
 from diffblocks_jax import models
 from diffblocks_jax.training import checkpointing, sharding
 from diffblocks_jax import config as config_lib
-from diffblocks_jax.core import optim, steps
+from diffblocks_jax.core import optim, partitions, steps
 from diffblocks_jax.data import input_pipeline
+from diffblocks_jax.tasks import registry
+
+# Every random stream of a run, folded into the seed's key: a resumed run draws the same numbers, and no two
+# streams share them.
+RNG_STREAMS = {
+    'data': 0x5eed,  # Batch order and augmentation (training/train.py).
+    'eval': 0xe7a1,  # Evaluation: the classification sampler's noise, the language bound and samples.
+    'grid': 0x5a3,  # Generation: the class grid and the scored samples of every evaluation (the same noise each time).
+    'samples': 0x5a4,  # --mode=sample.
+}
 
 
 @dataclasses.dataclass
@@ -32,6 +46,47 @@ class Experiment:
   steps_per_epoch: int
   total_steps: int
   schedule: Any
+
+  @property
+  def task(self):
+    """The task module of the config's model.kind (tasks/registry.py)."""
+    return registry.task_module(self.config.model.kind)
+
+  @property
+  def blockwise(self) -> bool:
+    return registry.kind(self.config.model.kind).blockwise
+
+  @property
+  def edm(self) -> partitions.EDM:
+    """The config's EDM noise distribution, its noise plan resolved ('matched' sets P_mean)."""
+    return partitions.EDM.from_config(self.config.diffusion)
+
+  @property
+  def eval_batch_size(self) -> int:
+    """config.eval.batch_size rounded up to a multiple of the devices, so every device gets equal rows."""
+    return -(-self.config.eval.batch_size // self.mesh.size) * self.mesh.size
+
+  def key(self, stream: str) -> jax.Array:
+    """The run's key for `stream` (RNG_STREAMS)."""
+    return jax.random.fold_in(jax.random.key(self.config.seed), RNG_STREAMS[stream])
+
+  def replicated(self) -> jax.sharding.NamedSharding:
+    """Outputs every process can read (multi-host) and score."""
+    return sharding.replicated(self.mesh)
+
+  def eval_batches(self) -> jax.sharding.NamedSharding:
+    """An evaluation batch: its rows split over every device of the mesh."""
+    return sharding.eval_batch_sharding(self.mesh)
+
+  @staticmethod
+  def on_device(params):
+    """Parameters with offloaded (host-memory) blocks brought to the device: inference needs every block."""
+    return sharding.on_device(params)
+
+  def load_judge(self, field: str, **checks):
+    """(config, experiment, state) of the finished run in `config.eval.<field>` that scores this one
+    (`load_judge`)."""
+    return load_judge(self.config, field, **checks)
 
   def init_state(self) -> steps.TrainState:
     """Real parameters, built directly in their shardings (and memory kinds) under jit."""
@@ -49,12 +104,14 @@ def build_experiment(config) -> Experiment:
   config_lib.validate(config, num_devices=jax.device_count())
   data = input_pipeline.load_dataset(config.data, process_index=jax.process_index(),
                                      process_count=jax.process_count())
-  return experiment_from_data(config, data)
+  return experiment_from_data(config, data, validated=True)
 
 
-def experiment_from_data(config, data: input_pipeline.Dataset, mesh=None) -> Experiment:
-  """The experiment for an already-loaded dataset (the benchmark passes synthetic data)."""
-  config_lib.validate(config, num_devices=jax.device_count())
+def experiment_from_data(config, data: input_pipeline.Dataset, mesh=None, *, validated: bool = False) -> Experiment:
+  """The experiment for an already-loaded dataset (the benchmark passes synthetic data); `validated`: the config
+  was already checked by `build_experiment`."""
+  if not validated:
+    config_lib.validate(config, num_devices=jax.device_count())
   config_lib.validate_data(config, data)
   mesh = mesh or sharding.make_mesh(config)
   num_blocks = config_lib.num_blocks(config)
@@ -65,7 +122,7 @@ def experiment_from_data(config, data: input_pipeline.Dataset, mesh=None) -> Exp
                                  f'{data.num_train} training examples')
   # Block-parallel training updates every block each step: num_epochs of steps already give each block the
   # updates that B·num_epochs sequential epochs give it on average (SPEC §5.7).
-  block_factor = num_blocks if (config_lib.uses_blocks(config) and config.train.scale_epochs_by_blocks
+  block_factor = num_blocks if (registry.kind(config.model.kind).blockwise and config.train.scale_epochs_by_blocks
                                 and not config.parallel_blocks) else 1
   total_steps = config.train.num_epochs * block_factor * steps_per_epoch
   warmup_steps = round(config.optim.warmup_epochs * block_factor * steps_per_epoch)
@@ -118,7 +175,7 @@ def load_judge(config, field: str, *, data_fields: tuple[str, ...], kind_error, 
   error = kind_error(judge)
   if error:
     raise config_lib.ConfigError(f'config.eval.{field}={path!r}{error}')
-  differ = [f for f in data_fields if judge.data.get(f) != config.data.get(f)]
+  differ = [f for f in data_fields if judge.data[f] != config.data[f]]
   if differ:
     raise config_lib.ConfigError(f'config.eval.{field}={path!r} was trained on other data '
                                  f'(config.data.{", ".join(differ)} differ): {why}')

@@ -8,12 +8,37 @@ from __future__ import annotations
 import json
 import math
 import os
-import struct
 import time
-import zlib
 
 from absl import logging
+import jax
 import numpy as np
+
+from diffblocks_jax import config as config_lib
+from diffblocks_jax.tasks import registry
+
+
+def run_line(config, workdir: str) -> str:
+  """The first line of a run: the kind, the seed and where the full config is (it goes to WORKDIR/config.json
+  and the debug log, not the console)."""
+  kind = registry.kind(config.model.kind)
+  blocks = f'DiffusionBlocks, B={config_lib.num_blocks(config)}' if kind.blockwise else 'end to end'
+  return (f'Run: model.kind={config.model.kind!r} ({kind.task}, {blocks}), seed {config.seed}; the full config is '
+          f'in {os.path.join(workdir, "config.json")}')
+
+
+def experiment_lines(exp) -> list[str]:
+  """The data, the model's size and the devices, once the experiment is built."""
+  params = exp.abstract_state.params
+  total = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+  per_block = ''
+  if exp.blockwise and isinstance(params, dict) and 'blocks' in params:
+    stacked = sum(math.prod(x.shape) for x in jax.tree.leaves(params['blocks']))
+    per_block = f' ({stacked // exp.num_blocks:,} per block, {total - stacked:,} shared)'
+  devices = jax.devices()
+  return [f'Data: {exp.data.summary()}',
+          f'Model: {total:,} parameters{per_block}; {len(devices)} {devices[0].platform} device'
+          f'{"s" if len(devices) > 1 else ""}, batch {exp.config.train.batch_size}']
 
 
 def format_duration(seconds: float) -> str:
@@ -153,49 +178,3 @@ def end_summary(result: dict, *, workdir: str, total_steps: int, wall_s: float, 
 _METRIC_NAMES = {'eval/accuracy': 'accuracy (eval/accuracy)', 'eval/fd': 'FD (eval/fd)',
                  'eval/sample_accuracy': 'sample accuracy (eval/sample_accuracy)',
                  'eval/bpc': 'bits per character (eval/bpc)', 'eval/gen_ppl': 'sample perplexity (eval/gen_ppl)'}
-
-
-def resolve_path(path: str) -> str:
-  """A path as the person meant it: absolute; or relative to the current folder if it exists there; else
-  relative to the repository root. Notebooks' kernels run in notebooks/, while paths like
-  'workdirs/digits_dblock' are written from the root, where the README's commands run."""
-  path = os.path.expanduser(path)
-  if os.path.isabs(path) or os.path.exists(path):
-    return path
-  root = repository_root()
-  return os.path.join(root, path) if root else path
-
-
-def repository_root() -> str | None:
-  """The folder holding pyproject.toml: above the current folder, else above this package (an editable
-  install); None if neither has one (an installed wheel run elsewhere)."""
-  for start in (os.getcwd(), os.path.dirname(os.path.abspath(__file__))):
-    folder = os.path.abspath(start)
-    while True:
-      if os.path.exists(os.path.join(folder, 'pyproject.toml')):
-        return folder
-      parent = os.path.dirname(folder)
-      if parent == folder:
-        break
-      folder = parent
-  return None
-
-
-def write_png(path: str, image: np.ndarray) -> None:
-  """An (H, W) or (H, W, 1|3) uint8 array as a PNG (written here: no imaging library needed)."""
-  image = np.asarray(image)
-  if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] not in (1, 3)):
-    raise ValueError(f'write_png needs uint8 (H, W) or (H, W, 1|3), got {image.dtype} {image.shape}')
-  if image.ndim == 3 and image.shape[-1] == 1:
-    image = image[..., 0]
-  h, w = image.shape[:2]
-  color_type = 0 if image.ndim == 2 else 2  # Greyscale or RGB, 8 bits.
-  rows = b''.join(b'\x00' + image[r].tobytes() for r in range(h))  # Filter type 0 on every row.
-  chunk = lambda tag, data: (struct.pack('>I', len(data)) + tag + data +
-                             struct.pack('>I', zlib.crc32(tag + data) & 0xffffffff))
-  png = (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, 8, color_type, 0, 0, 0)) +
-         chunk(b'IDAT', zlib.compress(rows, 9)) + chunk(b'IEND', b''))
-  tmp = path + '.tmp'
-  with open(tmp, 'wb') as f:
-    f.write(png)
-  os.replace(tmp, path)  # A reader never sees half a picture.

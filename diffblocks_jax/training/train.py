@@ -1,5 +1,5 @@
 """The training loop: an `Experiment` (experiment.py) → steps → many steps per compiled call → checkpoints, logs,
-evaluations (evaluation.py).
+evaluations (the task's evaluator, tasks/). Nothing here depends on the task.
 
 Many steps run per compiled call (`lax.scan`): batch indices, augmentation, the block draw and the update
 all happen on the device, and the host only logs, evaluates and checkpoints between calls.
@@ -18,18 +18,15 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from diffblocks_jax.core import partitions
-from diffblocks_jax import tasks
-from diffblocks_jax.training import checkpointing, evaluation, locking, reporting, sharding
 from diffblocks_jax import config as config_lib
+from diffblocks_jax.training import checkpointing, locking, reporting, sharding
 from diffblocks_jax.core import blocks, steps
 from diffblocks_jax.training.experiment import Experiment, build_experiment, put_train_split
 
 
 def make_train_step(exp: Experiment, *, block: int | None = None):
   """The config's step; block-parallel training steps every block at once (`steps.make_parallel_step`)."""
-  c = exp.config
-  task = tasks.module(c)
+  c, task = exp.config, exp.task
   if c.parallel_blocks:
     return steps.make_parallel_step(exp.graphdef, task.make_task(c, exp.data), task.partition(c, exp.data),
                                     c.optim, exp.schedule, condition_dropout=c.diffusion.class_dropout_prob)
@@ -45,11 +42,11 @@ def make_train_chunk(exp: Experiment, *, block: int | None = None, train_step=No
   """
   config, mesh = exp.config, exp.mesh
   train_step = train_step or make_train_step(exp, block=block)
-  train_batch = tasks.module(config).train_batch
+  train_batch = exp.task.train_batch
   batch = config.train.batch_size
   num_local = exp.data.num_train
   num_padded = sharding.padded_rows(mesh, num_local)
-  data_key = jax.random.fold_in(jax.random.key(config.seed), 0x5eed)
+  data_key = exp.key('data')
   # Block-parallel: each block its own data order and augmentation, one batch per block.
   data_keys = [jax.random.fold_in(data_key, b) for b in range(exp.num_blocks)] if config.parallel_blocks \
       else [data_key]
@@ -192,29 +189,30 @@ def _train_loop(config, workdir: str, lead: bool, stop: _StopFlag) -> dict[str, 
   except BaseException:
     ckpt.close()
     raise
-  if start is None:
-    logging.info('Starting from scratch: %d steps (%d per epoch, B=%d).', exp.total_steps,
-                 exp.steps_per_epoch, exp.num_blocks)
-    if config_lib.task_name(config) == 'classification' and config_lib.uses_blocks(config):
-      # Where each block trains vs. where the sampler calls it (README).
-      for line in partitions.noise_plan_for(config, exp.num_blocks):
-        logging.info('%s', line)
-  else:
-    logging.info('Resumed from %s at step %d of %d.', ckpt.directory, start, exp.total_steps)
-    if start >= exp.total_steps:
-      finished = [r for r in reporting.read_metrics(workdir) if r['step'] == start and
-                  any(k.startswith('eval/') for k in r)]
-      if finished:
-        ckpt.close()
-        shown = ', '.join(f'{k} {v:.4g}' for k, v in finished[-1].items() if k.startswith('eval/'))
+  if start is not None and start >= exp.total_steps:
+    finished = [r for r in reporting.read_metrics(workdir) if r['step'] == start and
+                any(k.startswith('eval/') for k in r)]
+    if finished:  # The answer, and nothing before it.
+      ckpt.close()
+      shown = ', '.join(f'{k} {v:.4g}' for k, v in finished[-1].items() if k.startswith('eval/'))
+      if lead:
         logging.info('Already finished at step %d of %d: %s. Nothing to do (--config.train.num_epochs=N trains '
                      'further).', start, exp.total_steps, shown)
-        return dict(finished[-1], step=start)
+      return dict(finished[-1], step=start)
+  if lead:  # A few lines say what runs; the full config is in WORKDIR/config.json.
+    for line in [reporting.run_line(config, workdir), *reporting.experiment_lines(exp)]:
+      logging.info('%s', line)
+    if start is None:
+      logging.info('Starting from scratch: %d steps (%d per epoch).', exp.total_steps, exp.steps_per_epoch)
+      for line in getattr(exp.task, 'start_lines', lambda exp: [])(exp):
+        logging.info('%s', line)
+    else:
+      logging.info('Resumed from %s at step %d of %d.', ckpt.directory, start, exp.total_steps)
   arrays = put_train_split(exp)
   chunk_fn = make_train_chunk(exp)
-  evaluator = evaluation.make_evaluator(exp, workdir)
+  evaluator = exp.task.make_evaluator(exp, workdir)
   writer = reporting.MetricWriter(workdir, enabled=lead)
-  unit = 'seq' if config_lib.task_name(config) in config_lib.LANGUAGE_TASKS else 'img'  # Examples per second.
+  unit = exp.task.UNIT  # What the progress line counts per second.
   progress = reporting.Progress(exp.total_steps, config.train.batch_size, exp.steps_per_epoch, unit)
   eval_every = max(1, round(config.train.eval_every_epochs * exp.steps_per_epoch)) \
       if config.train.eval_every_epochs > 0 else exp.total_steps
