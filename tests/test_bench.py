@@ -18,7 +18,7 @@ import pytest
 
 from diffblocks_jax.training import sharding, experiment
 from diffblocks_jax.tools import bench
-from conftest import HANG_GUARD_S
+from helpers import HANG_GUARD_S, subprocess_env
 
 FAST_COMPILE = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
 FAST_XLA_FLAGS = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
@@ -67,7 +67,7 @@ def check_records(records: list[dict]) -> None:
 @pytest.mark.slow
 def test_tiny_suite_command_line(tmp_path):
   out = tmp_path / 'bench.json'
-  env = dict(os.environ, XLA_FLAGS=f'{os.environ.get("XLA_FLAGS", "")} {FAST_XLA_FLAGS}', JAX_PLATFORMS='cpu')
+  env = subprocess_env(XLA_FLAGS=f'{os.environ.get("XLA_FLAGS", "")} {FAST_XLA_FLAGS}')
   result = subprocess.run(
       [sys.executable, '-m', 'diffblocks_jax.tools.bench', '--suite=tiny', f'--json={out}', '--windows=1',
        '--steps_per_window=1'], env=env, capture_output=True, text=True, timeout=HANG_GUARD_S, check=False)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -13,8 +12,9 @@ import pytest
 
 from configs import common
 from diffblocks_jax import config as config_lib
+from helpers import HANG_GUARD_S, ROOT, base_config, shipped_config
 
-CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / 'configs'
+CONFIG_DIR = ROOT / 'configs'
 # The config files (common.py and __init__.py define no get_config: they are not configs).
 CONFIGS = sorted(p for p in CONFIG_DIR.glob('*.py') if 'def get_config(' in p.read_text())
 # Every variant a config's argument selects (`--config=configs/<file>:<arg>`).
@@ -25,18 +25,9 @@ VARIANTS = ['cifar100_dblock.py:recipe=release', 'cifar100_dblock.py:recipe=pape
             'text_ar_dblock.py:recipe=tuned', 'testing.py:dblock', 'testing.py:vit']
 
 
-def _config(**overrides):
-  """The base config with dotted overrides ('optim.lr'); 'diffusion.sigma_min' etc. as given."""
-  c = config_lib.get_base_config()
-  for dotted, value in overrides.items():
-    section, name = dotted.split('.')
-    c[section][name] = value
-  return c
-
-
 @pytest.mark.parametrize('name', [p.name for p in CONFIGS] + VARIANTS)
 def test_every_shipped_config_and_variant_validates(name):
-  config = config_lib.load_file(str(CONFIG_DIR / name))
+  config = shipped_config(name)
   config_lib.validate(config)
   assert config.model.kind  # The base names no kind: every config does.
 
@@ -48,13 +39,13 @@ def _flat(config) -> dict:
 
 
 def _differing(a: str, b: str) -> set[str]:
-  x, y = (_flat(config_lib.load_file(str(CONFIG_DIR / name))) for name in (a, b))
+  x, y = (_flat(shipped_config(name)) for name in (a, b))
   return {k for k in x if x[k] != y[k]}
 
 
 def test_variants_change_what_their_recipe_says_and_nothing_else():
-  assert _flat(config_lib.load_file(str(CONFIG_DIR / 'cifar100_dblock.py'))) == _flat(
-      config_lib.load_file(str(CONFIG_DIR / 'cifar100_dblock.py:recipe=release')))  # No argument: the default.
+  assert _flat(shipped_config('cifar100_dblock.py')) == _flat(
+      shipped_config('cifar100_dblock.py:recipe=release'))  # No argument: the default.
   tuned = {'diffusion.noise_plan', 'model.label_token', 'eval.normalized_embeddings'}
   paper = {'optim.lr', 'optim.schedule', 'optim.min_lr', 'optim.warmup_epochs', 'data.randaugment'}
   assert _differing('cifar100_dblock.py', 'cifar100_dblock.py:recipe=tuned') == tuned
@@ -70,7 +61,7 @@ def test_variants_change_what_their_recipe_says_and_nothing_else():
 def test_cifar100_configs_name_their_data():
   """The base is dataset-neutral: a CIFAR-100 config sets the data set and its statistics itself."""
   for name in ('cifar100_dblock.py', 'cifar100_vit.py:recipe=paper', 'testing.py:vit'):
-    data = config_lib.load_file(str(CONFIG_DIR / name)).data
+    data = shipped_config(name).data
     assert (data.source, data.name) == ('tfds', 'cifar100')
     assert (tuple(data.mean), tuple(data.std)) == (common.CIFAR100_MEAN, common.CIFAR100_STD)
 
@@ -82,7 +73,7 @@ def test_cifar100_configs_name_their_data():
 ])
 def test_a_bad_config_argument_names_what_is_allowed(arg, says):
   with pytest.raises(config_lib.ConfigError) as e:
-    config_lib.load_file(f'{CONFIG_DIR / "cifar100_dblock.py"}:{arg}')
+    shipped_config(f'cifar100_dblock.py:{arg}')
   assert says in str(e.value), str(e.value)
 
 
@@ -100,43 +91,43 @@ def test_configs_import_as_a_package_from_any_directory(tmp_path):
           % f'{CONFIG_DIR / "cifar100_dblock.py"}:recipe=paper')
   env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
   result = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=HANG_GUARD_S)
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.split() == ['dblock', 'cifar100']
 
 
 @pytest.mark.parametrize('overrides,says', [
-    ({'optim.lr': float('nan')}, 'optim.lr=nan'),
-    ({'optim.lr': float('inf')}, 'optim.lr=inf'),
-    ({'optim.grad_clip': -1.0}, 'optim.grad_clip=-1.0'),  # Would reverse the gradient.
-    ({'optim.b2': 1.0}, 'optim.b2=1.0'),
-    ({'optim.weight_decay': -0.1}, 'optim.weight_decay=-0.1'),
-    ({'model.dropout': 1.5}, 'model.dropout=1.5'),
-    ({'model.attention_dropout': 1.5}, 'model.attention_dropout=1.5'),
-    ({'model.attention_dropout': -0.1}, 'model.attention_dropout=-0.1'),
-    ({'diffusion.overlap': -2.0}, 'diffusion.overlap=-2.0'),
-    ({'diffusion.sigma_min': 0.0}, 'diffusion.sigma_min=0.0'),
-    ({'diffusion.sigma_max': -1.0}, 'diffusion.sigma_max=-1.0'),
-    ({'diffusion.sigma_min': 90.0}, 'diffusion.sigma_min=90.0 must be below config.diffusion.sigma_max=80.0'),
-    ({'diffusion.p_std': 0.0}, 'diffusion.p_std=0.0'),
-    ({'diffusion.p_mean': float('nan')}, 'diffusion.p_mean=nan'),
-    ({'diffusion.sigma_data': 0.0}, 'diffusion.sigma_data=0.0'),
-    ({'data.pad_crop': -3}, 'data.pad_crop=-3'),  # Failed deep inside the crop before.
-    ({'model.kind': 'vit', 'model.hidden_size': 0}, 'model.hidden_size=0'),  # Failed deep inside the ViT.
-    ({'model.num_heads': 0}, 'model.num_heads=0'),  # ZeroDivisionError inside validate before.
-    ({'model.patch_size': 0}, 'model.patch_size=0'),
-    ({'train.eval_every_epochs': -1.0}, 'train.eval_every_epochs=-1.0'),
+    ({'optim__lr': float('nan')}, 'optim.lr=nan'),
+    ({'optim__lr': float('inf')}, 'optim.lr=inf'),
+    ({'optim__grad_clip': -1.0}, 'optim.grad_clip=-1.0'),  # Would reverse the gradient.
+    ({'optim__b2': 1.0}, 'optim.b2=1.0'),
+    ({'optim__weight_decay': -0.1}, 'optim.weight_decay=-0.1'),
+    ({'model__dropout': 1.5}, 'model.dropout=1.5'),
+    ({'model__attention_dropout': 1.5}, 'model.attention_dropout=1.5'),
+    ({'model__attention_dropout': -0.1}, 'model.attention_dropout=-0.1'),
+    ({'diffusion__overlap': -2.0}, 'diffusion.overlap=-2.0'),
+    ({'diffusion__sigma_min': 0.0}, 'diffusion.sigma_min=0.0'),
+    ({'diffusion__sigma_max': -1.0}, 'diffusion.sigma_max=-1.0'),
+    ({'diffusion__sigma_min': 90.0}, 'diffusion.sigma_min=90.0 must be below config.diffusion.sigma_max=80.0'),
+    ({'diffusion__p_std': 0.0}, 'diffusion.p_std=0.0'),
+    ({'diffusion__p_mean': float('nan')}, 'diffusion.p_mean=nan'),
+    ({'diffusion__sigma_data': 0.0}, 'diffusion.sigma_data=0.0'),
+    ({'data__pad_crop': -3}, 'data.pad_crop=-3'),  # Failed deep inside the crop before.
+    ({'model__kind': 'vit', 'model__hidden_size': 0}, 'model.hidden_size=0'),  # Failed deep inside the ViT.
+    ({'model__num_heads': 0}, 'model.num_heads=0'),  # ZeroDivisionError inside validate before.
+    ({'model__patch_size': 0}, 'model.patch_size=0'),
+    ({'train__eval_every_epochs': -1.0}, 'train.eval_every_epochs=-1.0'),
 ])
 def test_impossible_values_are_refused_by_name(overrides, says):
   with pytest.raises(config_lib.ConfigError) as e:
-    config_lib.validate(_config(**overrides))
+    config_lib.validate(base_config(**overrides))
   assert f'config.{says}' in str(e.value), str(e.value)
 
 
 def test_errors_are_listed_together():
   with pytest.raises(config_lib.ConfigError) as e:
-    config_lib.validate(_config(**{'optim.lr': float('nan'), 'model.dropout': 1.5, 'data.pad_crop': -3,
-                                   'model.kind': 'resnet', 'model.num_heads': 0, 'model.num_layers': 7}))
+    config_lib.validate(base_config('resnet', optim__lr=float('nan'), model__dropout=1.5, data__pad_crop=-3,
+                                    model__num_heads=0, model__num_layers=7))
   # The checks that combine fields skip those already named (no ZeroDivisionError, no KeyError on the kind).
   for field in ('optim.lr=nan', 'model.dropout=1.5', 'data.pad_crop=-3', "model.kind='resnet'", 'model.num_heads=0'):
     assert f'config.{field}' in str(e.value)
@@ -145,8 +136,7 @@ def test_errors_are_listed_together():
 def test_a_config_saved_before_a_field_existed_still_validates(tmp_path):
   """Where a saved config is read (config.load_workdir), the fields it predates get their defaults; validation
   then sees a whole config (it holds no fallbacks of its own)."""
-  c = config_lib.get_base_config()
-  c.model.kind, c.data.name = 'dblock', 'cifar100'
+  c = base_config('dblock', data__name='cifar100')
   saved = c.to_dict()
   del saved['train']['eval_every_epochs']  # As in a config.json written by an older version.
   (tmp_path / 'config.json').write_text(json.dumps(saved))

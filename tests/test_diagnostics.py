@@ -8,10 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from diffblocks_jax import config as config_lib
 from diffblocks_jax.core import partitions
 from diffblocks_jax.tasks import classification
 from diffblocks_jax.tools import diagnostics
+from helpers import tiny_config
 
 NUM_BLOCKS = 3
 
@@ -117,10 +117,7 @@ def test_noise_plan_names_a_block_the_sampler_skips():
 
 
 def test_noise_plan_for_a_config_uses_its_noise_settings_and_sampler_steps():
-  config = config_lib.get_base_config()
-  config.model.kind = 'dblock'
-  config.diffusion.p_mean = 0.5
-  config.eval.num_inference_steps = 2
+  config = tiny_config('dblock', diffusion__p_mean=0.5, eval__num_inference_steps=2)
   lines = classification.noise_plan_lines(config)
   assert lines == partitions.noise_plan(3, 2, partitions.EDM(p_mean=0.5))
   assert 'median 4.66' in lines[0] and lines[1].endswith('(never)')

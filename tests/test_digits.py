@@ -3,7 +3,6 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import chex
@@ -12,9 +11,8 @@ import pytest
 
 from diffblocks_jax.training import experiment, train
 from diffblocks_jax import config as config_lib
-from conftest import HANG_GUARD_S
+from helpers import HANG_GUARD_S, ROOT, cached_env, cli_command, shipped_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow  # Real trainings: minutes each.
 
 
@@ -31,7 +29,7 @@ LONG = pytest.mark.skipif(os.environ.get('DIFFBLOCKS_LONG_TESTS') != '1',
                                           ('digits_dblock.py', 0.93)])
 def test_digits_config_reaches_target_accuracy(tmp_path, name, target):
   """The shipped digits configs, unchanged, through the same library code as the CLI."""
-  config = config_lib.load_file(os.path.join(ROOT, 'configs', name))
+  config = shipped_config(name)
   result = train.train_and_evaluate(config, str(tmp_path))
   assert result['eval/accuracy'] >= target, result
 
@@ -43,11 +41,10 @@ def test_digits_generation_reaches_the_issue_targets(tmp_path):
   """Both digits DiT configs, unchanged, judged by the digits ViT: DiffusionBlocks' samples are assigned to
   their class >= 90 % of the time, and its FD is at most 1.25x the end-to-end DiT's."""
   classifier = str(tmp_path / 'vit')
-  train.train_and_evaluate(config_lib.load_file(os.path.join(ROOT, 'configs', 'digits_vit.py')), classifier)
+  train.train_and_evaluate(shipped_config('digits_vit.py'), classifier)
   results = {}
   for name in ('digits_dit.py', 'digits_dit_dblock.py'):
-    config = config_lib.load_file(os.path.join(ROOT, 'configs', name))
-    config.eval.classifier_workdir = classifier
+    config = shipped_config(name, eval__classifier_workdir=classifier)
     results[name] = train.train_and_evaluate(config, str(tmp_path / name))
   dblock, e2e = results['digits_dit_dblock.py'], results['digits_dit.py']
   assert dblock['eval/sample_accuracy'] >= 0.9, results
@@ -63,11 +60,9 @@ def _kill_config_flags(workdir):
 
 def _start(workdir):
   # One persistent XLA cache for the three runs (killed, resumed, clean): one compile, the same executable.
-  cache = os.path.join(os.path.dirname(workdir), 'xla_cache')
-  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3', JAX_COMPILATION_CACHE_DIR=cache,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
-  return subprocess.Popen([sys.executable, '-m', 'diffblocks_jax.main', *_kill_config_flags(workdir)],
-                          cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  env = cached_env(os.path.join(os.path.dirname(workdir), 'xla_cache'))
+  return subprocess.Popen(cli_command(*_kill_config_flags(workdir)), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
 
 
 def _final_params(workdir):

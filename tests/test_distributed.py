@@ -17,9 +17,8 @@ import time
 
 import numpy as np
 import pytest
-from conftest import HANG_GUARD_S
+from helpers import HANG_GUARD_S, ROOT, shipped_config, subprocess_env
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 FAST_COMPILE = '--xla_backend_optimization_level=0'  # Compile time dominates tiny runs on a CPU.
 TIMEOUT_S = HANG_GUARD_S
 
@@ -38,8 +37,7 @@ def write_data(path: pathlib.Path) -> None:
 
 
 def spawn(args: list[str], num_devices: int, log: pathlib.Path) -> subprocess.Popen:
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={num_devices} {FAST_COMPILE}',
-             JAX_PLATFORMS='cpu')
+  env = subprocess_env(XLA_FLAGS=f'--xla_force_host_platform_device_count={num_devices} {FAST_COMPILE}')
   with open(log, 'w') as f:  # The child keeps its own descriptor.
     return subprocess.Popen([sys.executable, __file__, *args], env=env, cwd=ROOT, stdout=f,
                             stderr=subprocess.STDOUT)
@@ -73,9 +71,7 @@ def wait_all(procs: dict[str, subprocess.Popen], logs: dict[str, pathlib.Path], 
 
 def train_and_save(data: str, workdir: str, out: str, port: int = 0, num_processes: int = 1,
                    process_id: int = 0) -> None:
-  sys.path.insert(0, str(ROOT))
-  from configs import testing  # pylint: disable=g-import-not-at-top
-  config = testing.get_config('vit')
+  config = shipped_config('testing.py:vit')
   config.data.source, config.data.path = 'npz', data
   config.data.pad_crop, config.data.flip = 0, False
   if num_processes > 1:

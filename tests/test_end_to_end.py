@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 import types
 
 import numpy as np
@@ -12,24 +10,15 @@ import tensorflow_datasets as tfds
 
 from diffblocks_jax.training import checkpointing, evaluation, experiment, reporting, train
 from diffblocks_jax import config as config_lib
-from conftest import HANG_GUARD_S
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import run_cli, shipped_config
 
 
-def cifar_config(name: str, **train_overrides):
-  """The real CIFAR-100 config at its full model size, cut to a few steps on 16 mock images."""
-  config = config_lib.load_file(os.path.join(ROOT, 'configs', name))
-  config.train.batch_size = 8
-  config.train.num_epochs = 1
-  config.train.steps_per_call = 2
-  config.train.log_every_steps = 2
-  config.train.checkpoint_every_steps = 2
-  config.train.eval_every_epochs = 0.0
-  config.eval.batch_size = 8
-  for k, v in train_overrides.items():
-    config.train[k] = v
-  return config
+def cifar_config(name: str, **overrides):
+  """The real CIFAR-100 config at its full model size, cut to a few steps on 16 mock images (a shipped config
+  shrunk in time, not in size: not a tiny config)."""
+  return shipped_config(name, **{'train__batch_size': 8, 'train__num_epochs': 1, 'train__steps_per_call': 2,
+                                 'train__log_every_steps': 2, 'train__checkpoint_every_steps': 2,
+                                 'train__eval_every_epochs': 0.0, 'eval__batch_size': 8, **overrides})
 
 
 def checkpoint_steps(workdir):
@@ -48,7 +37,7 @@ def test_cifar100_train_eval_resume_under_mock_data(tmp_path, name):
     assert evals == [result['eval/accuracy']]  # One evaluation, at the end: the log holds what was returned.
     assert checkpoint_steps(workdir)[-1] == 2 * blocks
     # The same command with more epochs resumes from the last checkpoint instead of restarting.
-    result = train.train_and_evaluate(cifar_config(name, num_epochs=2), workdir)
+    result = train.train_and_evaluate(cifar_config(name, train__num_epochs=2), workdir)
     assert result['step'] == 4 * blocks
     records = reporting.read_metrics(workdir)
     logged = [r['step'] for r in records if 'train/loss' in r]
@@ -66,11 +55,8 @@ def test_cifar100_train_eval_resume_under_mock_data(tmp_path, name):
 @pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   workdir = str(tmp_path)
-  config = config_lib.load_file(os.path.join(ROOT, 'configs', 'testing.py:vit'))
-  config.data.source = 'digits'
-  config.data.mean, config.data.std = (0.3,), (0.4,)
-  config.train.num_epochs = 1
-  config.train.checkpoint_every_steps = 100
+  config = shipped_config('testing.py:vit', data__source='digits', data__mean=(0.3,), data__std=(0.4,),
+                          train__num_epochs=1, train__checkpoint_every_steps=100)
   train.train_and_evaluate(config, workdir)
   good = checkpoint_steps(workdir)
   assert good
@@ -83,27 +69,18 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 
 def test_config_errors_name_the_field():
-  config = config_lib.load_file(os.path.join(ROOT, 'configs', 'cifar100_dblock.py'))
-  config.model.num_layers = 10
+  config = shipped_config('cifar100_dblock.py', model__num_layers=10)
   with pytest.raises(config_lib.ConfigError, match='config.model.num_layers=10'):
     config_lib.validate(config, num_devices=1)
-  config = config_lib.load_file(os.path.join(ROOT, 'configs', 'cifar100_dblock.py'))
-  config.model.patch_size = 5
+  config = shipped_config('cifar100_dblock.py', model__patch_size=5)
   with pytest.raises(config_lib.ConfigError, match='config.model.patch_size=5'):
     config_lib.validate_data(config, types.SimpleNamespace(image_size=32, channels=3))
-  config = config_lib.load_file(os.path.join(ROOT, 'configs', 'cifar100_dblock.py'))
-  config.train.batch_size = 6
+  config = shipped_config('cifar100_dblock.py', train__batch_size=6)
   with pytest.raises(config_lib.ConfigError, match='config.train.batch_size=6'):
     config_lib.validate(config, num_devices=4)
   config.model.kind = 'resnet'
   with pytest.raises(config_lib.ConfigError, match="config.model.kind='resnet'"):
     config_lib.validate(config, num_devices=1)
-
-
-def run_cli(*args, timeout=HANG_GUARD_S):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
-  return subprocess.run([sys.executable, '-m', 'diffblocks_jax.main', *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=timeout)
 
 
 def test_cli_rejects_unknown_override_before_running(tmp_path):
@@ -163,7 +140,7 @@ def test_tinyimagenet_config_trains_from_a_folder_in_its_layout(tmp_path):
     lines.append(f'val_{i}.JPEG\t{wnid}\t0\t0\t63\t63')
   (root / 'val' / 'val_annotations.txt').write_text('\n'.join(lines) + '\n')
 
-  config = config_lib.load_file(os.path.join(ROOT, 'configs', 'tinyimagenet_dblock.py'))
+  config = shipped_config('tinyimagenet_dblock.py')
   assert config.data.random_resized_crop and not config.data.pad_crop and config.data.flip
   config.data.path = str(root)
   config.model.update(hidden_size=24, num_heads=2, num_layers=2, mlp_dim=32, patch_size=16)
@@ -181,11 +158,9 @@ def test_offloaded_blocks_train_resume_and_evaluate_like_resident_ones(tmp_path)
   """`train.offload_idle_blocks` through the whole loop: checkpoints from host memory, resume into host memory,
   evaluation; the parameters equal a run whose blocks stay on the device."""
   import jax  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, ROOT)
-  from configs import testing  # pylint: disable=g-import-not-at-top
 
   def config(offload: bool, epochs: int):
-    c = testing.get_config('dblock')
+    c = shipped_config('testing.py:dblock')
     c.data.source, c.data.pad_crop, c.data.flip = 'digits', 0, False
     c.data.mean, c.data.std, c.model.patch_size = (0.305,), (0.375,), 2  # 8x8 grayscale.
     c.train.batch_size, c.train.num_epochs, c.train.steps_per_call = 64, epochs, 11

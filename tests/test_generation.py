@@ -18,19 +18,9 @@ from diffblocks_jax import models
 from diffblocks_jax.core import sampler
 from diffblocks_jax.tasks import generation, images
 from diffblocks_jax.training import reporting
-from conftest import judged_by
+from helpers import judged_by, shipped_config, tiny_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (8, 8, 1)  # Digits-sized images.
-
-
-def tiny_dit_config(kind='dit_dblock', **model):
-  c = config_lib.get_base_config()
-  c.model.kind = kind
-  c.model.hidden_size, c.model.num_heads, c.model.num_layers, c.model.patch_size = 16, 2, 3, 4
-  c.model.num_blocks = 3
-  c.model.update(model)
-  return c
 
 
 def build(config, seed=0):
@@ -68,7 +58,7 @@ def test_edm_coefficients_and_weight_on_images():
 @pytest.mark.parametrize('kind', ['dit', 'dit_dblock'])
 def test_denoiser_at_init_is_the_skip_connection(kind):
   """The final layer starts at zero, so F = 0 and D(x; σ) = c_skip(σ)·x exactly: the EDM wiring is right."""
-  model = build(tiny_dit_config(kind))
+  model = build(tiny_config(kind))
   x = jax.random.normal(jax.random.key(0), (3,) + SHAPE)
   sigmas = jnp.array([0.01, 1.0, 50.0])
   c_skip = np.asarray(edm.preconditioning(sigmas)[0])
@@ -89,7 +79,7 @@ def test_dit_s2_parameter_count_at_the_papers_size():
            + (classes + 1) * h  # class table with the null class
            + (h * 2 * h + 2 * h) + (h * p * p * c + p * p * c))  # final adaLN and linear
   expected = layers * per_layer + outer
-  config = config_lib.load_file(os.path.join(ROOT, 'configs', 'cifar10_dit.py'))
+  config = shipped_config('cifar10_dit.py')
   for kind in ('dit', 'dit_dblock'):
     config.model.kind = kind
     model = nnx.eval_shape(lambda: models.build(config.model, image_size=32, channels=3, num_classes=10))
@@ -173,7 +163,7 @@ def test_karras_grid_endpoints_and_shape():
 
 
 def test_guidance_is_uncond_plus_scale_times_difference():
-  model = jitter(build(tiny_dit_config('dit_dblock')))
+  model = jitter(build(tiny_config('dit_dblock')))
   task = generation.Generation(num_classes=4, image_shape=SHAPE)
   labels = jnp.array([0, 1, 2, 3])
   x = jax.random.normal(jax.random.key(2), (4,) + SHAPE)
@@ -199,7 +189,7 @@ def test_null_class_dropout_rate():
 @pytest.mark.parametrize('stack', [True, False])
 def test_sampling_a_dblock_model_matches_step_by_step_calls(stack):
   """The scanned sampler (traced block index; a switch for a list of blocks) equals Euler written out by hand."""
-  config = tiny_dit_config('dit_dblock')
+  config = tiny_config('dit_dblock')
   model = jitter(models.DiffusionBlocksDiT(config.model, [1, 1, 1], image_size=8, channels=1, num_classes=4,
                                            rngs=nnx.Rngs(0), stack=stack))
   plan = partitions.LogNormalPartition(3)
@@ -258,7 +248,7 @@ def test_png_grid_reads_back(tmp_path):
 
 def cifar10_config(name, workdir_of_classifier=''):
   """A CIFAR-10 config shrunk to seconds: 16 mock images, a 3-layer DiT, 4 sampling steps."""
-  config = config_lib.load_file(os.path.join(ROOT, 'configs', name))
+  config = shipped_config(name)
   config.train.batch_size, config.train.num_epochs = 8, 1
   config.train.steps_per_call = config.train.log_every_steps = config.train.checkpoint_every_steps = 2
   config.train.eval_every_epochs = 0.0
@@ -310,7 +300,7 @@ def test_classifier_workdir_errors_name_the_field(tmp_path):
     generation.load_classifier(judged_by(config))
   for kind, name, match in (('dit', 'cifar10', "holds a 'dit' run; the features come from an end-to-end "
                                                 "classifier \\(model.kind 'vit'\\)"), ('vit', 'cifar100', 'other data')):
-    other = config_lib.load_file(os.path.join(ROOT, 'configs', 'cifar10_vit.py'))
+    other = shipped_config('cifar10_vit.py')
     other.model.kind, other.data.name = kind, name
     os.makedirs(tmp_path / kind, exist_ok=True)
     (tmp_path / kind / 'config.json').write_text(other.to_json())
@@ -320,7 +310,7 @@ def test_classifier_workdir_errors_name_the_field(tmp_path):
 
 
 def test_generation_config_errors_name_the_field():
-  config = config_lib.load_file(os.path.join(ROOT, 'configs', 'digits_dit_dblock.py'))
+  config = shipped_config('digits_dit_dblock.py')
   config.model.hidden_size, config.model.num_heads = 18, 2
   config.eval.num_samples, config.eval.solver = -1, 'rk4'
   with pytest.raises(config_lib.ConfigError) as e:

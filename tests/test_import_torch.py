@@ -12,13 +12,11 @@ from flax import nnx
 from scipy import special
 
 
-from diffblocks_jax import config as config_lib
 from diffblocks_jax import models
 from diffblocks_jax.tools import import_torch
-from conftest import HANG_GUARD_S
+from helpers import HANG_GUARD_S, ROOT, base_config, shipped_config, subprocess_env
 
 HIDDEN, HEADS, LAYERS, MLP, PATCH, IMAGE, CHANNELS, CLASSES = 24, 4, 4, 48, 4, 8, 3, 10
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # --- the release's state dict, written from SPEC §9 alone -------------------------------------------------
@@ -68,10 +66,10 @@ def release_state_dict(kind, seed=0, zeros=False, **dims):
 
 
 def small_config(kind, layers_per_block=(), independent=False):
-  c = config_lib.load_file(os.path.join(REPO, 'configs', f'testing.py:{kind}'))
-  c.model.update(hidden_size=HIDDEN, num_heads=HEADS, num_layers=LAYERS, mlp_dim=MLP, patch_size=PATCH,
-                 num_blocks=2, layers_per_block=layers_per_block, independent_blocks=independent)
-  return c
+  """configs/testing.py at the size of release_state_dict's model."""
+  return shipped_config(f'testing.py:{kind}', model__hidden_size=HIDDEN, model__num_heads=HEADS,
+                        model__num_layers=LAYERS, model__mlp_dim=MLP, model__patch_size=PATCH, model__num_blocks=2,
+                        model__layers_per_block=layers_per_block, model__independent_blocks=independent)
 
 
 # --- independent float64 reference (HF ViT layer; SPEC §3 conditioning) ----------------------------------
@@ -189,8 +187,7 @@ def test_dblock_denoise_matches_numpy_reference(layers_per_block, independent, b
 
 @pytest.mark.parametrize('kind,millions', [('vit', 10.30), ('dblock', 10.53)])
 def test_cifar_config_converts_to_the_exact_tree(kind, millions):
-  config = config_lib.get_base_config()
-  config.model.kind = kind
+  config = base_config(kind)
   sd = release_state_dict(kind, zeros=True, hidden=128, layers=12, mlp=3072, image=32, classes=100)
   params = import_torch.convert(sd, config)
   dims = dict(image_size=32, channels=3, num_classes=100)
@@ -270,12 +267,12 @@ def test_cli_writes_step_zero_once(tmp_path):
   overrides = [f'--config.model.{k}={v}' for k, v in dict(
       hidden_size=HIDDEN, num_heads=HEADS, num_layers=LAYERS, mlp_dim=MLP, num_blocks=2).items()]
   cmd = [sys.executable, '-m', 'diffblocks_jax.tools.import_torch', f'--input={tmp_path / "w.npz"}',
-         f'--config={REPO}/configs/testing.py:dblock', f'--workdir={tmp_path / "run"}', *overrides]
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
+         f'--config={ROOT}/configs/testing.py:dblock', f'--workdir={tmp_path / "run"}', *overrides]
+  env = subprocess_env()
+  first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
   assert first.returncode == 0, first.stderr[-3000:]
   assert os.listdir(tmp_path / 'run' / 'checkpoints')
-  again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
+  again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
   assert again.returncode != 0 and 'already holds checkpoints' in again.stderr
 
 
@@ -336,7 +333,7 @@ def test_a_killed_import_does_not_block_the_retry(tmp_path):
   from diffblocks_jax.training import checkpointing
   path, workdir = _saved(tmp_path, release_state_dict('dblock')), tmp_path / 'run'
   killed = subprocess.run([sys.executable, '-c', _KILLED_IMPORT, os.path.dirname(__file__), path, str(workdir)],
-                          cwd=REPO, env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True, text=True,
+                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
                           timeout=HANG_GUARD_S)
   assert killed.returncode == 9, killed.stderr[-3000:]
   leftovers = os.listdir(workdir / 'checkpoints')

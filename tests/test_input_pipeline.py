@@ -11,20 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffblocks_jax import config as config_lib
 from diffblocks_jax.data import input_pipeline as ip
 from diffblocks_jax.data.dataset import DataError
-from conftest import HANG_GUARD_S
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from helpers import HANG_GUARD_S, ROOT, tiny_config
 
 
-def _data_config(**overrides):
-  """The base data fields with CIFAR-100 from TFDS (the datasets TFDS's mock data serves here)."""
-  d = config_lib.get_base_config().data
-  d.name = 'cifar100'
-  d.update(overrides)
-  return d
+def _data_config(**fields):
+  """The data section of a tiny CIFAR-100 config (from TFDS, which TFDS's mock data serves here), `fields` set."""
+  return tiny_config(data='cifar', **{f'data__{k}': v for k, v in fields.items()}).data
 
 
 # ------------------------------------------------------------------------------------------------------ tfds
@@ -48,7 +42,7 @@ for labels in (data.train_labels, data.test_labels):
   assert labels.dtype.name == 'int32' and labels.min() >= 0 and labels.max() < 100
 assert 'tensorflow' not in sys.modules, 'the data_source path imported TensorFlow'
 """
-  result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=HANG_GUARD_S)
+  result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_S)
   assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -102,7 +96,7 @@ except input_pipeline.DataError as e:
 
 def test_tfds_prepared_array_record_and_tfrecord(tmp_path):
   # Real prepared files: batched array_record reads, and the TensorFlow fallback for tfrecord.
-  result = subprocess.run([sys.executable, '-c', _PREPARED_CODE, str(tmp_path)], cwd=REPO, capture_output=True,
+  result = subprocess.run([sys.executable, '-c', _PREPARED_CODE, str(tmp_path)], cwd=ROOT, capture_output=True,
                           text=True, timeout=HANG_GUARD_S)
   assert result.returncode == 0, result.stderr[-3000:]
 
@@ -138,12 +132,8 @@ def test_tfds_unknown_name_and_label_key():
 
 # ---------------------------------------------------------------------------------------------------- digits
 
-def _digits_config():
-  return _data_config(source='digits', mean=(0.305,), std=(0.375,))
-
-
 def test_digits_shapes_split_and_determinism():
-  a, b = ip.load_dataset(_digits_config()), ip.load_dataset(_digits_config())
+  a, b = ip.load_dataset(tiny_config().data), ip.load_dataset(tiny_config().data)
   assert a.train_images.shape[1:] == (8, 8, 1) and a.train_images.dtype == np.uint8
   assert len(a.train_labels) + len(a.test_labels) == 1797 and len(a.test_labels) == 360
   assert a.num_classes == 10 and a.image_size == 8 and a.channels == 1
@@ -154,8 +144,8 @@ def test_digits_shapes_split_and_determinism():
 
 
 def test_process_shards_are_disjoint_equal_and_cover_the_split():
-  full = ip.load_dataset(_digits_config())
-  shards = [ip.load_dataset(_digits_config(), process_index=i, process_count=2) for i in range(2)]
+  full = ip.load_dataset(tiny_config().data)
+  shards = [ip.load_dataset(tiny_config().data, process_index=i, process_count=2) for i in range(2)]
   n = len(full.train_labels) // 2
   assert all(len(s.train_labels) == n for s in shards)
   np.testing.assert_array_equal(np.concatenate([s.train_images for s in shards]), full.train_images[:2 * n])
@@ -179,9 +169,14 @@ def _npz_arrays():
               x_test=rng.integers(0, 256, (4, 6, 6), dtype=np.uint8), y_test=np.arange(4))
 
 
+def _npz_config(path):
+  """The npz source reading `path`, with one-channel statistics."""
+  return _data_config(source='npz', path=str(path), mean=(0.5,), std=(0.25,))
+
+
 def test_npz_good_file(tmp_path):
   np.savez(tmp_path / 'd.npz', **_npz_arrays())
-  data = ip.load_dataset(_data_config(source='npz', path=str(tmp_path / 'd.npz'), mean=(0.5,), std=(0.25,)))
+  data = ip.load_dataset(_npz_config(tmp_path / 'd.npz'))
   assert data.train_images.shape == (10, 6, 6, 1) and data.test_images.shape == (4, 6, 6, 1)
   assert data.num_classes == 4 and data.train_labels.dtype == np.int32
 
@@ -199,11 +194,7 @@ def test_npz_bad_key_is_named(tmp_path, key, bad):
     arrays[key] = bad
   np.savez(tmp_path / 'd.npz', **arrays)
   with pytest.raises(DataError, match=key):
-    ip.load_dataset(_data_config(source='npz', path=str(tmp_path / 'd.npz'), mean=(0.5,), std=(0.25,)))
-
-
-def _npz_config(path):
-  return _data_config(source='npz', path=str(path), mean=(0.5,), std=(0.25,))
+    ip.load_dataset(_npz_config(tmp_path / 'd.npz'))
 
 
 def test_npz_unreadable_files_are_named(tmp_path):

@@ -190,10 +190,9 @@ def test_sample_entropy():
 def test_untrained_bound_is_a_uniform_guess(kind):
   """The masked DiT's head starts at zero: every masked token costs log V, so the bound is log₂ V bits per
   character in expectation (E[#masked] = tL cancels the 1/t), whichever blocks run."""
-  from diffblocks_jax import config as config_lib, models  # pylint: disable=g-import-not-at-top,multiple-imports
-  c = config_lib.get_base_config()
-  c.model.kind, c.model.hidden_size, c.model.num_heads, c.model.num_layers = kind, 16, 2, 3
-  c.eval.elbo_draws = 8
+  from diffblocks_jax import models  # pylint: disable=g-import-not-at-top
+  from helpers import tiny_config  # pylint: disable=g-import-not-at-top
+  c = tiny_config(kind, data='text', eval__elbo_draws=8)
   vocab, seq_len = 11, 8
   data = type('Data', (), {'vocab_size': vocab, 'seq_len': seq_len})()
   graphdef, params = models.split(models.build(c.model, vocab_size=vocab, seq_len=seq_len))

@@ -4,16 +4,12 @@ train, evaluate, sample; and the language settings' errors (tasks/, configs/text
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from diffblocks_jax import config as config_lib
-from conftest import judged_by
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import judged_by, override, run_cli, shipped_config
 
 
 def corpus_file(tmp_path) -> tuple[str, float]:
@@ -27,7 +23,9 @@ def corpus_file(tmp_path) -> tuple[str, float]:
 
 
 def shrunk(name: str, corpus: str, **fields):
-  config = config_lib.load_file(os.path.join(ROOT, 'configs', name))
+  """The shipped text config `name` on `corpus` in windows of 16, its model cut to width 16, one short epoch;
+  `fields` (dotted, '__' for '.') on top."""
+  config = shipped_config(name)
   config.data.source, config.data.path, config.data.seq_len = 'text', corpus, 16
   config.data.test_fraction = 0.05
   m = config.model
@@ -36,10 +34,7 @@ def shrunk(name: str, corpus: str, **fields):
   config.train.steps_per_call, config.train.log_every_steps, config.train.checkpoint_every_steps = 5, 5, 10
   config.train.eval_every_epochs = 0.0
   config.eval.num_samples, config.eval.num_inference_steps, config.eval.elbo_draws = 4, 0, 1
-  for field, value in fields.items():
-    section, key = field.split('__')
-    config[section][key] = value
-  return config
+  return override(config, **fields)
 
 
 @pytest.mark.slow
@@ -84,15 +79,14 @@ def test_autoregressive_configs_train_score_and_sample(tmp_path):
   tuned = train.train_and_evaluate(shrunk('text_ar_dblock.py:recipe=tuned', corpus, eval__scorer_workdir=scorer),
                                    str(tmp_path / 'ar_dblock_tuned'))  # 'matched' plan, ancestral sampler.
   assert tuned['step'] == 44 and tuned['eval/gen_ppl'] > 1 and tuned['eval/sample_entropy'] > 0
-  out = subprocess.run([sys.executable, '-m', 'diffblocks_jax.main', f'--workdir={workdir}', '--mode=sample',
-                        '--num_samples=3'], capture_output=True, text=True, cwd=ROOT, check=False, timeout=1800)
+  out = run_cli(f'--workdir={workdir}', '--mode=sample', '--num_samples=3')
   assert out.returncode == 0, out.stderr[-3000:]
   assert out.stdout.count('-' * 40) == 3
   assert os.path.exists(os.path.join(workdir, 'samples', 'sample_44.txt'))
 
 
 def test_language_settings_errors_name_the_field(tmp_path):
-  config = config_lib.load_file(os.path.join(ROOT, 'configs', 'text_ar_dblock.py'))
+  config = shipped_config('text_ar_dblock.py')
   config.data.source, config.data.seq_len, config.eval.temperature = 'digits', 1, 0.0
   config.model.hidden_size, config.model.num_heads = 12, 4  # Head width 3: odd.
   with pytest.raises(config_lib.ConfigError) as e:
@@ -100,23 +94,23 @@ def test_language_settings_errors_name_the_field(tmp_path):
   for field in ("config.data.source='digits'", 'config.data.seq_len=1', 'config.eval.temperature=0.0',
                 'must be even'):
     assert field in str(e.value), str(e.value)
-  image = config_lib.load_file(os.path.join(ROOT, 'configs', 'digits_vit.py'))
+  image = shipped_config('digits_vit.py')
   image.data.source = 'pydoc'
   with pytest.raises(config_lib.ConfigError, match="needs image data"):
     config_lib.validate(image)
-  masked = config_lib.load_file(os.path.join(ROOT, 'configs', 'text_mdm_dblock.py'))
+  masked = shipped_config('text_mdm_dblock.py')
   masked.eval.solver = 'ancestral'
   with pytest.raises(config_lib.ConfigError, match=r"config.eval.solver='ancestral' is not one of .* for "
                                                   "model.kind='mdm_dblock'"):
     config_lib.validate(masked)
   # The scorer must be an end-to-end 'ar' run on the same data.
   from diffblocks_jax.tasks import autoregressive, language  # pylint: disable=g-import-not-at-top
-  config = config_lib.load_file(os.path.join(ROOT, 'configs', 'text_ar_dblock.py'))
+  config = shipped_config('text_ar_dblock.py')
   config.eval.scorer_workdir = str(tmp_path / 'missing')
   with pytest.raises(config_lib.ConfigError, match=r'config.eval.scorer_workdir=.*missing'):
     language.load_scorer(judged_by(config), autoregressive.token_nll)
   for kind, seq_len, match in (('mdm', 64, "holds a 'mdm' run"), ('ar', 32, 'other data')):
-    other = config_lib.load_file(os.path.join(ROOT, 'configs', 'text_ar.py'))
+    other = shipped_config('text_ar.py')
     other.model.kind, other.data.seq_len = kind, seq_len
     os.makedirs(tmp_path / kind, exist_ok=True)
     (tmp_path / kind / 'config.json').write_text(other.to_json())
@@ -143,7 +137,7 @@ def test_text_configs_hold_what_was_measured(tmp_path):
   results = {}
   for name in ('text_mdm', 'text_mdm_dblock', 'text_ar', 'text_ar_dblock', 'text_ar_dblock_tuned'):
     file = 'text_ar_dblock.py:recipe=tuned' if name == 'text_ar_dblock_tuned' else f'{name}.py'
-    config = config_lib.load_file(os.path.join(ROOT, 'configs', file))
+    config = shipped_config(file)
     config.eval.scorer_workdir = str(tmp_path / 'text_ar')
     results[name] = train.train_and_evaluate(config, str(tmp_path / name))
   assert results['text_mdm_dblock']['eval/bpc'] <= results['text_mdm']['eval/bpc'] + 0.15, results

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import pathlib
 import signal
 import subprocess
 import sys
@@ -14,9 +13,8 @@ import pytest
 
 from diffblocks_jax import config as config_lib
 from diffblocks_jax.training import experiment, locking, train
-from conftest import HANG_GUARD_S
+from helpers import HANG_GUARD_S, ROOT, cached_env, cli_command, run_cli, subprocess_env
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 HOLD = """
 import sys, time
 from diffblocks_jax.training import locking
@@ -56,9 +54,7 @@ def test_a_killed_holder_leaves_no_lock(tmp_path):
 def test_cli_refuses_a_busy_workdir_with_one_message(tmp_path):
   proc = hold_in_subprocess(tmp_path)
   try:
-    result = subprocess.run([sys.executable, '-m', 'diffblocks_jax.main', '--config=configs/testing.py:vit',
-                             f'--workdir={tmp_path}'], cwd=ROOT, capture_output=True, text=True,
-                            timeout=HANG_GUARD_S)
+    result = run_cli('--config=configs/testing.py:vit', f'--workdir={tmp_path}')
   finally:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -69,27 +65,20 @@ def test_cli_refuses_a_busy_workdir_with_one_message(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- SIGTERM
 
-def digits_args(workdir) -> list[str]:
+def digits_flags(workdir) -> list[str]:
   """A short digits baseline: 3 epochs x 11 steps, a chunk of 3 steps per compiled call, checkpoint every 6."""
-  return [sys.executable, '-m', 'diffblocks_jax.main', '--config=configs/digits_vit.py', f'--workdir={workdir}',
-          '--config.train.num_epochs=3', '--config.train.batch_size=128', '--config.train.steps_per_call=3',
-          '--config.train.log_every_steps=3', '--config.train.checkpoint_every_steps=6',
-          '--config.train.eval_every_epochs=1', '--config.model.num_layers=2', '--config.model.hidden_size=32',
-          '--config.model.mlp_dim=64', '--library_logs',  # POINTS include an Orbax INFO line
+  return ['--config=configs/digits_vit.py', f'--workdir={workdir}', '--config.train.num_epochs=3',
+          '--config.train.batch_size=128', '--config.train.steps_per_call=3', '--config.train.log_every_steps=3',
+          '--config.train.checkpoint_every_steps=6', '--config.train.eval_every_epochs=1',
+          '--config.model.num_layers=2', '--config.model.hidden_size=32', '--config.model.mlp_dim=64',
+          '--library_logs',  # POINTS include an Orbax INFO line
           '--verbosity=1']  # and the data loader's debug line.
-
-
-def cached(cache_dir) -> dict[str, str]:
-  """The environment with one persistent XLA cache: the 17 runs compile once, not 17 times (a cache hit loads
-  the same executable, so bit-for-bit comparisons still hold)."""
-  return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
 
 
 def run_and_terminate(workdir, after: str | None, env=None) -> subprocess.CompletedProcess:
   """Starts a run; sends SIGTERM once `after` appears in its log (at once if None); waits for it to end."""
-  proc = subprocess.Popen(digits_args(workdir), cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                          text=True, env=env)
+  proc = subprocess.Popen(cli_command(*digits_flags(workdir)), cwd=ROOT, stderr=subprocess.PIPE,
+                          stdout=subprocess.DEVNULL, text=True, env=subprocess_env() if env is None else env)
   log = []
   deadline = time.monotonic() + HANG_GUARD_S
   try:
@@ -127,9 +116,9 @@ POINTS = ['Loaded digits', 'Starting from scratch', 'step 3/33', 'Started save c
 
 @pytest.mark.slow
 def test_sigterm_at_several_points_saves_and_resumes_bit_for_bit(tmp_path):
-  clean, env = tmp_path / 'clean', cached(tmp_path / 'xla_cache')
-  result = subprocess.run(digits_args(clean), cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_S,
-                          env=env)
+  # One persistent XLA cache: the 17 runs compile once, not 17 times.
+  clean, env = tmp_path / 'clean', cached_env(tmp_path / 'xla_cache')
+  result = run_cli(*digits_flags(clean), env=env)
   assert result.returncode == 0, result.stderr[-3000:]
   want = final_state(clean)
   preempted = []
@@ -142,8 +131,7 @@ def test_sigterm_at_several_points_saves_and_resumes_bit_for_bit(tmp_path):
     preempted.append(point)
     assert 'Stopped by SIGTERM at step' in stopped.stderr and 'Run the same command to resume' in stopped.stderr
     assert 'Traceback' not in stopped.stderr, (point, stopped.stderr[-3000:])
-    resumed = subprocess.run(digits_args(workdir), cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_S,
-                             env=env)
+    resumed = run_cli(*digits_flags(workdir), env=env)
     assert resumed.returncode == 0, (point, resumed.stderr[-3000:])
     chex.assert_trees_all_equal(final_state(workdir), want)
   # Only the last point may come too late (three steps were left when its line was printed).

@@ -4,29 +4,19 @@ eval from a workdir's own config. Each subprocess costs a JAX start-up (~10 s on
 import json
 import logging
 import os
-import subprocess
-import sys
 
 import pytest
 
 from diffblocks_jax import cli
 from diffblocks_jax.training import checkpointing, reporting
-from diffblocks_jax import config as config_lib
-from conftest import HANG_GUARD_S
+import helpers
+from helpers import ROOT, run_cli, shipped_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The tiny digits baseline: 22 steps of 64 in two compiled calls, a checkpoint and a progress line after each.
 TINY = ['--config=configs/testing.py:vit', '--config.data.source=digits', '--config.data.mean=(0.3,)',
         '--config.data.std=(0.4,)', '--config.model.patch_size=2', '--config.train.num_epochs=1',
         '--config.train.batch_size=64', '--config.train.steps_per_call=11', '--config.train.log_every_steps=11',
         '--config.train.checkpoint_every_steps=11']
-
-
-def run_main(*args):
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  env.pop(cli.TRACEBACK_ENV, None)
-  return subprocess.run([sys.executable, '-m', 'diffblocks_jax.main', *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=HANG_GUARD_S)
 
 
 def assert_one_message(proc, *expected):
@@ -41,7 +31,7 @@ def assert_one_message(proc, *expected):
 # ----------------------------------------------------------------------------------------------- in process
 
 def test_unknown_config_fields_are_named_with_the_closest_ones(capsys):
-  config = config_lib.load_file(os.path.join(ROOT, 'configs', 'testing.py'))
+  config = shipped_config('testing.py')
   cli.check_overrides(['main', '--config.optim.lr=1', '--config.data.mean=(0.5,)'], config)  # All exist.
   for override, suggestion in [('--config.optim.lrr=1', '--config.optim.lr?'),
                                ('--config.optm.lr=1', '--config.optim.lr?'),
@@ -63,6 +53,7 @@ def test_missing_config_file_lists_the_configs(capsys):
 
 
 def test_user_errors_exit_2_with_their_message_and_bugs_keep_their_traceback(capsys, monkeypatch):
+  assert cli.TRACEBACK_ENV == helpers.TRACEBACK_ENV  # What run_cli's subprocesses do not inherit.
   monkeypatch.delenv(cli.TRACEBACK_ENV, raising=False)
   with pytest.raises(SystemExit) as e, cli.exit_on_user_error():
     raise checkpointing.CheckpointError('No checkpoint for step 7 in W; available steps: [4]')
@@ -79,30 +70,30 @@ def test_library_info_lines_are_dropped_and_their_warnings_kept():
   orbax = os.path.join('site-packages', 'orbax', 'checkpoint', 'checkpoint_manager.py')
   assert not handler.filter(record(orbax, logging.INFO))
   assert handler.filter(record(orbax, logging.WARNING))
-  assert handler.filter(record(os.path.join(ROOT, 'diffblocks_jax', 'training', 'train.py'), logging.INFO))
+  assert handler.filter(record(str(ROOT / 'diffblocks_jax' / 'training' / 'train.py'), logging.INFO))
 
 
 # ----------------------------------------------------------------------------------------------- subprocesses
 
 def test_cli_config_mistakes_print_one_line_and_create_nothing(tmp_path):
   workdir = tmp_path / 'w'
-  assert_one_message(run_main(*TINY, f'--workdir={workdir}', '--config.optim.lrr=5e-4'),
+  assert_one_message(run_cli(*TINY, f'--workdir={workdir}', '--config.optim.lrr=5e-4'),
                      '--config.optim.lrr', 'Did you mean --config.optim.lr?')
-  assert_one_message(run_main('--config=configs/nope.py', f'--workdir={workdir}'),
+  assert_one_message(run_cli('--config=configs/nope.py', f'--workdir={workdir}'),
                      "no such config file 'configs/nope.py'", 'digits_vit.py')
   assert not workdir.exists()
 
 
 def test_cli_trains_quietly_then_evaluates_from_the_workdir_config(tmp_path):
   workdir = tmp_path / 'run'
-  train = run_main(*TINY, f'--workdir={workdir}')
+  train = run_cli(*TINY, f'--workdir={workdir}')
   assert train.returncode == 0, train.stderr[-3000:]
   assert 'orbax' not in train.stderr and 'checkpoint_manager.py' not in train.stderr, train.stderr[-3000:]
   assert 'step 22/22 (epoch 1/1)' in train.stderr, train.stderr[-3000:]
   trained = [r['eval/accuracy'] for r in reporting.read_metrics(str(workdir)) if 'eval/accuracy' in r][-1]
 
   # No --config: WORKDIR/config.json, with overrides on top (a tuple field too, though JSON saved a list).
-  evaluated = run_main('--mode=eval', f'--workdir={workdir}', '--config.eval.batch_size=50',
+  evaluated = run_cli('--mode=eval', f'--workdir={workdir}', '--config.eval.batch_size=50',
                        '--config.data.mean=(0.3,)')
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
   result = json.loads((workdir / 'eval.json').read_text())
@@ -112,7 +103,7 @@ def test_cli_trains_quietly_then_evaluates_from_the_workdir_config(tmp_path):
 def test_cli_eval_of_a_workdir_without_a_run_creates_nothing(tmp_path):
   empty = tmp_path / 'empty'
   empty.mkdir()
-  assert_one_message(run_main('--mode=eval', f'--workdir={empty}'), f'{empty / "config.json"} does not exist')
+  assert_one_message(run_cli('--mode=eval', f'--workdir={empty}'), f'{empty / "config.json"} does not exist')
   # With --config, the checkpoint is what is missing.
-  assert_one_message(run_main(*TINY, '--mode=eval', f'--workdir={empty}'), f'No checkpoint in {empty}')
+  assert_one_message(run_cli(*TINY, '--mode=eval', f'--workdir={empty}'), f'No checkpoint in {empty}')
   assert os.listdir(empty) == []

@@ -16,16 +16,9 @@ from diffblocks_jax import config as config_lib
 from diffblocks_jax import models
 from diffblocks_jax.core import blocks
 from diffblocks_jax.models import dblock
+from helpers import base_config
 
-CIFAR_DIMS = dict(image_size=32, channels=3, num_classes=100)
-
-
-def cifar_config(kind, **model_overrides):
-  c = config_lib.get_base_config()
-  c.model.kind = kind
-  for k, v in model_overrides.items():
-    c.model[k] = v
-  return c
+CIFAR_DIMS = dict(image_size=32, channels=3, num_classes=100)  # The base config's models are CIFAR-100's.
 
 
 def count(params):
@@ -45,22 +38,22 @@ def flat(params):
 # --- sizes of the CIFAR config (SPEC §2, §3, §9) ---
 
 def test_param_count_baseline():
-  assert count(abstract_params(cifar_config('vit'))) == 10_302_180
+  assert count(abstract_params(base_config('vit'))) == 10_302_180
 
 
 def test_param_count_diffusion_blocks():
-  assert count(abstract_params(cifar_config('dblock'))) == 10_529_095
+  assert count(abstract_params(base_config('dblock'))) == 10_529_095
 
 
 def test_param_count_independent_blocks():
-  shared = abstract_params(cifar_config('dblock'))
-  indep = abstract_params(cifar_config('dblock', independent_blocks=True))
+  shared = abstract_params(base_config('dblock'))
+  indep = abstract_params(base_config('dblock', model__independent_blocks=True))
   assert 'shared' not in indep
   assert count(indep) == count(shared) + 2 * count(shared['shared'])  # B = 3 copies instead of one
 
 
 def test_cifar_shapes_match_release():
-  p = blocks.unstack(abstract_params(cifar_config('dblock')))  # Stacked blocks, read block by block.
+  p = blocks.unstack(abstract_params(base_config('dblock')))  # Stacked blocks, read block by block.
   s, layer = p['shared'], p['blocks'][0]['layers'][0]
   shapes = {
       'pos_embed': (s['pos_embed'].shape, (1, 65, 128)),
@@ -78,7 +71,7 @@ def test_cifar_shapes_match_release():
   assert sorted(p['blocks']) == [0, 1, 2]
   assert [len(p['blocks'][b]['layers']) for b in range(3)] == [4, 4, 4]
   assert 'cls_token' not in s  # the noisy label replaces CLS (release default)
-  v = abstract_params(cifar_config('vit'))
+  v = abstract_params(base_config('vit'))
   assert v['cls_token'].shape == (1, 1, 128) and v['pos_embed'].shape == (1, 65, 128)
   assert len(v['layers']) == 12
 
@@ -100,7 +93,7 @@ def init_category(path: str, kind: str) -> str:
 
 @pytest.mark.parametrize('kind', ['vit', 'dblock'])
 def test_init_statistics(kind):
-  params = flat(blocks.unstack(models.split(models.build(cifar_config(kind).model, seed=3, **CIFAR_DIMS))[1]))
+  params = flat(blocks.unstack(models.split(models.build(base_config(kind).model, seed=3, **CIFAR_DIMS))[1]))
   normal = []
   for path, leaf in params.items():
     leaf = np.asarray(leaf, np.float64)

@@ -14,17 +14,9 @@ from diffblocks_jax.data import input_pipeline as ip
 from diffblocks_jax.data.dataset import DataError
 from diffblocks_jax.tasks import classification
 from diffblocks_jax.tools import noise_plan
+from helpers import shipped_config, tiny_config
 
 MATCHED = math.log(80.0) - 3 * 1.2  # 0.78203: σ_max = 80 sits three P_std above P_mean.
-
-
-def _dblock_config(**diffusion_overrides):
-  c = config_lib.get_base_config()
-  c.model.kind = 'dblock'
-  c.data.source = 'digits'
-  c.data.mean, c.data.std = (0.305,), (0.375,)
-  c.diffusion.update(diffusion_overrides)
-  return c
 
 
 # ------------------------------------------------------------------------------------------ the plan
@@ -66,30 +58,29 @@ def test_matched_sampler_sigmas_are_pinned_and_route_the_first_step_to_block_0()
 
 
 def test_the_config_option_resolves_p_mean_wherever_the_edm_is_built():
-  config = _dblock_config(noise_plan='matched', p_mean=-1.2)
+  config = tiny_config(diffusion__noise_plan='matched', diffusion__p_mean=-1.2)
   assert partitions.EDM.from_config(config.diffusion).p_mean == pytest.approx(MATCHED)
-  assert partitions.EDM.from_config(_dblock_config(p_mean=0.5).diffusion).p_mean == 0.5  # 'release'
+  assert partitions.EDM.from_config(tiny_config(diffusion__p_mean=0.5).diffusion).p_mean == 0.5  # 'release'
   lines = classification.noise_plan_lines(config)
   assert lines[0].startswith("noise plan 'matched': P_mean 0.7820") and '3.00 P_std above' in lines[0]
   assert lines[1:] == partitions.noise_plan(3, 3, partitions.EDM(p_mean=MATCHED))
   assert 'median 6.22, 26.6 % above σ = 10' in lines[1]
   report = noise_plan.plan_report(config, 'release')  # The tool reports the configured value for 'release'.
-  assert 'P_mean 0.7820' in report[0] and 'P_mean -1.2000' in noise_plan.plan_report(_dblock_config(), None)[0]
+  assert 'P_mean 0.7820' in report[0] and 'P_mean -1.2000' in noise_plan.plan_report(tiny_config(), None)[0]
 
 
 def test_config_validation_names_the_noise_plan_and_validation_fraction():
-  config = _dblock_config(noise_plan='tuned')
+  config = tiny_config(diffusion__noise_plan='tuned')
   config.data.validation_fraction = 1.0
   with pytest.raises(config_lib.ConfigError) as e:
     config_lib.validate(config)
   assert 'config.diffusion.noise_plan' in str(e.value) and 'config.data.validation_fraction' in str(e.value)
-  vit = _dblock_config(noise_plan='matched')
-  vit.model.kind = 'vit'
+  vit = tiny_config('vit', diffusion__noise_plan='matched')
   with pytest.raises(config_lib.ConfigError, match=r"noise_plan='matched' is not one of \('release',\) for "
                      r"model.kind='vit' \('matched' is for a diffused embedding: kinds \('dblock', 'ar_dblock'\)\)"):
     config_lib.validate(vit)
-  config_lib.validate(_dblock_config(noise_plan='matched'))
-  folder = _dblock_config()
+  config_lib.validate(tiny_config(diffusion__noise_plan='matched'))
+  folder = tiny_config()
   folder.data.update(source='folder', validation_fraction=0.1)
   with pytest.raises(config_lib.ConfigError, match='validation_fraction=0.1 needs config.data.source'):
     config_lib.validate(folder)
@@ -97,7 +88,7 @@ def test_config_validation_names_the_noise_plan_and_validation_fraction():
 
 def test_the_figure_is_written(tmp_path):
   pytest.importorskip('matplotlib')
-  path = noise_plan.write_figure(_dblock_config(), str(tmp_path / 'plan.png'), candidates=('release', 'matched'))
+  path = noise_plan.write_figure(tiny_config(), str(tmp_path / 'plan.png'), candidates=('release', 'matched'))
   assert open(path, 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
 
 
@@ -108,8 +99,8 @@ def _rows(images, labels):
 
 
 def test_digits_validation_split_is_a_stratified_share_of_train_and_leaves_test_out():
-  base = ip.load_dataset(_dblock_config().data)
-  d = _dblock_config().data
+  base = ip.load_dataset(tiny_config().data)
+  d = tiny_config().data
   d.validation_fraction = 0.2
   val = ip.load_dataset(d)
   assert len(val.test_labels) == 288 and len(val.train_labels) == len(base.train_labels) - 288
@@ -129,7 +120,7 @@ def test_npz_validation_split_never_uses_x_test(tmp_path):
   x_train = rng.integers(0, 200, (40, 6, 6), dtype=np.uint8)
   np.savez(tmp_path / 'd.npz', x_train=x_train, y_train=np.arange(40) % 4,
            x_test=np.full((8, 6, 6), 255, np.uint8), y_test=np.arange(8) % 4)  # 255 appears only in test.
-  d = _dblock_config().data
+  d = tiny_config().data
   d.update(source='npz', path=str(tmp_path / 'd.npz'), mean=(0.5,), std=(0.25,), validation_fraction=0.25)
   data = ip.load_dataset(d)
   assert len(data.test_labels) == 10 and len(data.train_labels) == 30
@@ -142,7 +133,7 @@ def test_tfds_validation_split_is_a_slice_of_train():
   class Info:
     splits = {'train': type('Split', (), {'num_examples': 50_000})()}
   builder = type('Builder', (), {'info': Info()})()
-  d = _dblock_config().data
+  d = tiny_config().data
   assert ip._tfds_splits(builder, d) == ['train', 'test']
   d.validation_fraction = 0.1
   assert ip._tfds_splits(builder, d) == ['train[5000:]', 'train[:5000]']
@@ -156,7 +147,7 @@ def test_tfds_validation_split_is_a_slice_of_train():
 # ------------------------------------------------------------------------------------------ the sweep
 
 def test_sweep_trains_every_candidate_on_the_validation_split_only(tmp_path, monkeypatch):
-  test_images = ip.load_dataset(_dblock_config().data).test_images
+  test_images = ip.load_dataset(tiny_config().data).test_images
   real_digits = ip._load_digits
 
   def digits_without_test(d, shard):
@@ -178,7 +169,7 @@ def test_sweep_trains_every_candidate_on_the_validation_split_only(tmp_path, mon
   rescored = []
   fake_eval = lambda config, workdir: rescored.append((workdir, config.eval.normalized_embeddings)) or {
       'eval/accuracy': 0.1}
-  config = _dblock_config()
+  config = tiny_config()
   candidates = [('release', 'release', {}), ('P_mean 0', '0', {}), ('matched', 'matched', {}),
                 ('matched + per_sample', 'matched', {'diffusion.loss_weighting': 'per_sample'}),
                 ('matched + normalized', 'matched', {'eval.normalized_embeddings': 'True'}, 'matched')]
@@ -198,9 +189,7 @@ def test_the_tuned_text_config_keeps_both_ends_of_the_sampler_grid_in_the_traini
   """configs/text_ar_dblock.py:recipe=tuned: the sampler's first σ (σ_max, run by block 0) and its last (σ_min,
   whose logits the character is drawn from, run by block B−1) each three P_std from P_mean; EDM's σ_min 0.002 is
   5.8 P_std below, where the last block never trains."""
-  import pathlib  # pylint: disable=g-import-not-at-top
-  config = config_lib.load_file(str(pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'text_ar_dblock.py')
-                                + ':recipe=tuned')
+  config = shipped_config('text_ar_dblock.py:recipe=tuned')
   config_lib.validate(config)
   plan = partitions.LogNormalPartition.from_config(config_lib.num_blocks(config), config.diffusion)
   edm = plan.edm

@@ -7,7 +7,6 @@ classifier and a DiffusionBlocks DiT). The committed notebooks must carry no out
 """
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -17,10 +16,9 @@ import pytest
 from nbclient import NotebookClient
 
 from diffblocks_jax.training import reporting
-from conftest import HANG_GUARD_S
+from helpers import HANG_GUARD_S, ROOT, cached_env, subprocess_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NOTEBOOKS = {name: os.path.join(ROOT, 'notebooks', f'{name}.ipynb')
+NOTEBOOKS = {name: str(ROOT / 'notebooks' / f'{name}.ipynb')
              for name in ('evaluate', 'generate', 'language', 'training_curves')}
 CELL_TIMEOUT_S = HANG_GUARD_S
 # At this size a CPU spends its time compiling; cheaper LLVM settings roughly halve that (numerics don't matter).
@@ -53,13 +51,6 @@ for kind, workdir in zip(('dblock', 'vit'), sys.argv[1:]):
 '''
 
 
-def with_cache(env: dict[str, str], cache_dir: str) -> dict[str, str]:
-  """One persistent XLA cache for training and the kernels: the notebooks' evaluation at the run's own
-  settings finds what training's evaluation compiled. (Not for the benchmark: it times compiles.)"""
-  return {**env, 'JAX_COMPILATION_CACHE_DIR': cache_dir, 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
-          'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
-
-
 def check_process(args, log_path, env, *, timeout, proc=None):
   """Runs (or waits for) a subprocess; on failure, raises with the tail of its log."""
   if proc is None:
@@ -77,7 +68,7 @@ def execute(name: str, env: dict[str, str], **extra) -> nbformat.NotebookNode:
   """Runs every cell in a fresh kernel (cwd = repository root); raises CellExecutionError on any error."""
   nb = nbformat.read(NOTEBOOKS[name], as_version=4)
   client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name='python3',
-                          resources={'metadata': {'path': ROOT}})
+                          resources={'metadata': {'path': str(ROOT)}})
   client.execute(env={**env, **extra})
   return nb
 
@@ -96,8 +87,10 @@ def text(nb) -> str:
 
 @pytest.mark.slow
 def test_notebooks_execute_and_draw(tmp_path):
-  bench_env = {**os.environ, **FAST_ENV}
-  env = with_cache(bench_env, str(tmp_path / 'xla_cache'))
+  # One persistent XLA cache for training and the kernels: the notebooks' evaluation at the run's own settings
+  # finds what training's evaluation compiled. (Not for the benchmark: it times compiles.)
+  bench_env = subprocess_env(**FAST_ENV)
+  env = cached_env(tmp_path / 'xla_cache', **FAST_ENV)
   dblock, vit = str(tmp_path / 'dblock'), str(tmp_path / 'vit')
   bench_json, bench_log = str(tmp_path / 'bench.json'), str(tmp_path / 'bench.log')
   bench_args = [sys.executable, '-m', 'diffblocks_jax.tools.bench', '--suite=tiny', f'--json={bench_json}',
@@ -162,7 +155,7 @@ train.train_and_evaluate(config, dit_workdir)
 
 @pytest.mark.slow
 def test_generate_notebook_executes_and_draws(tmp_path):
-  env = with_cache({**os.environ, **FAST_ENV}, str(tmp_path / 'xla_cache'))
+  env = cached_env(tmp_path / 'xla_cache', **FAST_ENV)
   classifier, dit = str(tmp_path / 'vit'), str(tmp_path / 'dit_dblock')
   check_process([sys.executable, '-c', GENERATE_TRAIN_SCRIPT, classifier, dit], str(tmp_path / 'train.log'), env,
                 timeout=HANG_GUARD_S)
@@ -207,7 +200,7 @@ for name, workdir in zip(('text_mdm', 'text_mdm_dblock'), workdirs):
 
 @pytest.mark.slow
 def test_language_notebook(tmp_path):
-  env = with_cache({**os.environ, **FAST_ENV}, str(tmp_path / 'xla_cache'))
+  env = cached_env(tmp_path / 'xla_cache', **FAST_ENV)
   mdm, dblock = str(tmp_path / 'text_mdm'), str(tmp_path / 'text_mdm_dblock')
   check_process([sys.executable, '-c', LANGUAGE_TRAIN_SCRIPT, str(tmp_path / 'corpus.txt'), mdm, dblock],
                 str(tmp_path / 'train.log'), env, timeout=HANG_GUARD_S)

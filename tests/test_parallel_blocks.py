@@ -8,23 +8,20 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from conftest import HANG_GUARD_S
+from helpers import HANG_GUARD_S, ROOT, shipped_config, subprocess_env
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 FAST_COMPILE = '--xla_backend_optimization_level=0'  # Compile time dominates tiny runs on a CPU.
 TIMEOUT_S = HANG_GUARD_S
 
 
 def parallel_config(data_path: str = ''):
-  sys.path.insert(0, str(ROOT))
-  from configs import testing  # pylint: disable=g-import-not-at-top
-  config = testing.get_config('dblock')
+  """configs/testing.py with 3 independent blocks trained in parallel on an npz file."""
+  config = shipped_config('testing.py:dblock')
   config.model.num_layers = config.model.num_blocks = 3
   config.model.independent_blocks = True
   config.parallel_blocks = True
@@ -78,7 +75,7 @@ def parallel_worker(workdir: str, out: str) -> None:
 @pytest.mark.slow
 def test_three_blocks_on_three_devices(tmp_path):
   out = tmp_path / 'report.json'
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count=3 {FAST_COMPILE}', JAX_PLATFORMS='cpu')
+  env = subprocess_env(XLA_FLAGS=f'--xla_force_host_platform_device_count=3 {FAST_COMPILE}')
   try:
     proc = subprocess.run([sys.executable, __file__, 'parallel', str(tmp_path), str(out)], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=TIMEOUT_S, check=False)

@@ -1,13 +1,10 @@
 """reporting.py: progress lines, the end-of-run summary, and paths as notebooks resolve them."""
 
-import os
-
 import numpy as np
 import pytest
 
 from diffblocks_jax.training import paths, reporting
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
 
 
 @pytest.fixture
@@ -59,13 +56,13 @@ def test_end_summary_names_results_and_where_everything_is(tmp_path):
 
 
 def test_resolve_path_reads_relative_paths_from_the_repository_root(tmp_path, monkeypatch):
-  monkeypatch.chdir(os.path.join(ROOT, 'notebooks'))  # Where Jupyter starts a notebook's kernel.
-  assert paths.repository_root() == ROOT
-  assert paths.resolve_path('configs/testing.py') == os.path.join(ROOT, 'configs/testing.py')
+  monkeypatch.chdir(ROOT / 'notebooks')  # Where Jupyter starts a notebook's kernel.
+  assert paths.repository_root() == str(ROOT)
+  assert paths.resolve_path('configs/testing.py') == str(ROOT / 'configs' / 'testing.py')
   assert paths.resolve_path('evaluate.ipynb') == 'evaluate.ipynb'  # Found here: kept as given.
   assert paths.resolve_path(str(tmp_path)) == str(tmp_path)
   monkeypatch.chdir(tmp_path)  # Outside the repository: its root still comes from the package's location.
-  assert paths.resolve_path('workdirs/x') == os.path.join(ROOT, 'workdirs/x')
+  assert paths.resolve_path('workdirs/x') == str(ROOT / 'workdirs' / 'x')
 
 
 def test_read_metrics_round_trip(tmp_path):

@@ -10,21 +10,16 @@ import pytest
 
 from diffblocks_jax.training import checkpointing, reporting, train
 from diffblocks_jax import config as config_lib
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import shipped_config
 
 
 def tiny(**train_fields):
-  """The testing ViT on the digits: 22 steps an epoch, one step per call, a checkpoint every 4 steps."""
-  config = config_lib.load_file(os.path.join(ROOT, 'configs', 'testing.py:vit'))
-  config.data.source = 'digits'
-  config.data.mean, config.data.std = (0.3,), (0.4,)
-  config.model.patch_size = 2
-  config.train.batch_size = 64
-  config.train.steps_per_call = config.train.log_every_steps = 1
-  config.train.checkpoint_every_steps = 4
-  config.train.keep_checkpoints = 10
-  config.eval.batch_size = 360
+  """The testing ViT on the digits: 22 steps an epoch, one step per call, a checkpoint every 4 steps (a shipped
+  config on the digits, whose step counts the tests below name)."""
+  config = shipped_config('testing.py:vit', data__source='digits', data__mean=(0.3,), data__std=(0.4,),
+                          model__patch_size=2, train__batch_size=64, train__steps_per_call=1,
+                          train__log_every_steps=1, train__checkpoint_every_steps=4, train__keep_checkpoints=10,
+                          eval__batch_size=360)
   config.train.update(train_fields)
   return config
 

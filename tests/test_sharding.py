@@ -6,16 +6,13 @@ before JAX starts, and the rest of the suite keeps its single device.
 
 from __future__ import annotations
 
-import os
-import pathlib
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from conftest import HANG_GUARD_S
+from helpers import HANG_GUARD_S, ROOT, shipped_config, subprocess_env
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 # Compile time dominates these tiny runs on a CPU; the lowest LLVM level cuts it about threefold.
 FAST_COMPILE = '--xla_backend_optimization_level=0'
 TIMEOUT_S = HANG_GUARD_S
@@ -23,8 +20,7 @@ TIMEOUT_S = HANG_GUARD_S
 
 def run_script(args: list[str], num_devices: int, timeout: float = TIMEOUT_S) -> None:
   """This test file as a script on `num_devices` fake CPU devices; raises with its output if it fails."""
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={num_devices} {FAST_COMPILE}',
-             JAX_PLATFORMS='cpu')
+  env = subprocess_env(XLA_FLAGS=f'--xla_force_host_platform_device_count={num_devices} {FAST_COMPILE}')
   try:
     proc = subprocess.run([sys.executable, __file__, *args], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout, check=False)
@@ -44,12 +40,9 @@ def synthetic_data(num_train: int = 70, num_test: int = 20, seed: int = 0):
                                 'synthetic')
 
 
-def tiny_config(kind: str = 'vit'):
-  sys.path.insert(0, str(ROOT))
-  from configs import testing  # pylint: disable=g-import-not-at-top
-  config = testing.get_config(kind)
-  config.train.batch_size = 16
-  return config
+def testing_config(kind: str = 'vit'):
+  """configs/testing.py (CIFAR-100-shaped) with batches of 16: two rows per device on 8 devices."""
+  return shipped_config(f'testing.py:{kind}', train__batch_size=16)
 
 
 # ------------------------------------------------------------------------------------------ in the subprocess
@@ -76,14 +69,14 @@ def data_parallel_worker(out: str, kind: str) -> None:
   data = synthetic_data()
   results = {}
   for devices in (1, 8):
-    config = tiny_config(kind)
+    config = testing_config(kind)
     config.mesh.data = devices
     losses, params, mesh_size, split_sharding = _train(config, data, num_steps=6)
     assert mesh_size == devices and len(split_sharding.device_set) == devices, (mesh_size, split_sharding)
     results[f'losses_{devices}'] = losses
     results.update({f'{devices}/{k}': v for k, v in params.items()})
   # The gather of a batch from the row-sharded split, padding included (70 rows over 8 devices).
-  mesh = sharding.make_mesh(tiny_config(kind))
+  mesh = sharding.make_mesh(testing_config(kind))
   split = sharding.put_rows(mesh, data.train_images)
   rows = np.array([69, 0, 8, 9, 35, 63, 64, 1, 2, 3, 4, 5, 6, 7, 17, 68])
   padded = sharding.padded_rows(mesh, len(data.train_images))
@@ -116,7 +109,7 @@ def test_eight_devices_match_one(tmp_path, kind):
 
 def test_batch_not_divisible_by_devices_is_named():
   from diffblocks_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  config = tiny_config()
+  config = testing_config()
   config.train.batch_size = 12
   with pytest.raises(config_lib.ConfigError, match=r'config\.train\.batch_size=12'):
     config_lib.validate(config, num_devices=8)
@@ -133,7 +126,7 @@ def test_global_rows_skip_padding():
 def test_single_device_mesh_and_split():
   import jax  # pylint: disable=g-import-not-at-top
   from diffblocks_jax.training import sharding  # pylint: disable=g-import-not-at-top
-  config = tiny_config()
+  config = testing_config()
   mesh = sharding.make_mesh(config)
   assert mesh.axis_names == ('data',) and mesh.size == jax.device_count()
   config.mesh.data = jax.device_count() + 1

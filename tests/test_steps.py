@@ -248,7 +248,7 @@ def test_independent_blocks_step(tiny_config, tiny_model, batch, jitter_params):
 def list_layout_setup(setup):
   """The same model (same seed, so the same initial parameters) with its blocks as a list: the switch path."""
   from diffblocks_jax.models import dblock  # pylint: disable=g-import-not-at-top
-  from conftest import TINY_DIMS  # pylint: disable=g-import-not-at-top
+  from helpers import TINY_DIMS  # pylint: disable=g-import-not-at-top
   model = dblock.DiffusionBlocksViT(setup.config.model, rngs=nnx.Rngs(0), stack=False, **TINY_DIMS)
   graphdef, params = nnx.split(model)
   params = nnx.to_pure_dict(params)

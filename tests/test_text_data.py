@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pathlib
 import subprocess
 import sys
 
@@ -12,16 +11,14 @@ import pytest
 from diffblocks_jax import config as config_lib
 from diffblocks_jax.data import text
 from diffblocks_jax.data.dataset import DataError
-from conftest import HANG_GUARD_S
+from helpers import HANG_GUARD_S, ROOT, tiny_config
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 SAMPLE = 'Temperature: 20 °C — about 68 °F.\nÉté, naïve café; 東京.\n' * 40  # Non-ASCII, multi-byte UTF-8.
 
 
-def _data_config(**overrides):
-  d = config_lib.get_base_config().data
-  d.update({'source': 'pydoc', **overrides})
-  return d
+def _data_config(**fields):
+  """The data section of a tiny text config (the pydoc corpus), `fields` set."""
+  return tiny_config('ar', data='text', **{f'data__{k}': v for k, v in fields.items()}).data
 
 
 def _write(tmp_path, content: str | bytes, name: str = 'corpus.txt') -> str:
@@ -105,8 +102,7 @@ def test_validation_split_is_the_train_texts_tail_and_never_windows_the_test_tex
   assert data.vocab == ('a', 'b', 'c', 'd', '§') and data.name == 'corpus (validation)'
   assert ''.join(data.decode(row) for row in data.test_tokens) == val
   assert ''.join(data.decode(row) for row in data.train_tokens) == head
-  config = config_lib.get_base_config()
-  config.model.kind, config.data.source, config.data.validation_fraction = 'ar', 'pydoc', 0.1
+  config = tiny_config('ar', data='text', data__validation_fraction=0.1)
   config_lib.validate(config)  # Text sources take a validation split.
 
 
@@ -291,6 +287,6 @@ def test_tfds_prepared_text(tmp_path, fmt):
   # Real prepared files (bytes, not the mock's str): random access, and the TensorFlow fallback for tfrecord.
   # A subprocess, so that TensorFlow imported elsewhere cannot hide an import on the array_record path.
   pytest.importorskip('tensorflow_datasets')
-  result = subprocess.run([sys.executable, '-c', _PREPARED_CODE, str(tmp_path), fmt], cwd=REPO,
+  result = subprocess.run([sys.executable, '-c', _PREPARED_CODE, str(tmp_path), fmt], cwd=ROOT,
                           capture_output=True, text=True, timeout=HANG_GUARD_S)
   assert result.returncode == 0, result.stderr[-3000:]

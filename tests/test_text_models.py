@@ -15,22 +15,16 @@ from diffblocks_jax.models import text
 
 V, L, N = 7, 5, 2
 TEXT_DIMS = dict(vocab_size=V, seq_len=L)
-
-
-def text_config(make_tiny_config, kind, **overrides):
-  """Hidden 16, 2 heads (head width 8, even for rotary), 2 layers in 2 blocks, MLP 2x, no dropout."""
-  fields = dict(model__hidden_size=16, model__num_heads=2, model__num_layers=2, model__num_blocks=2,
-                model__mlp_ratio=2, model__dropout=0.0)
-  return make_tiny_config(kind, **{**fields, **overrides})
+H = 16  # The tiny text models' width (helpers.tiny_config(data='text')).
 
 
 def inputs(seed=0):
-  """Clean tokens (N, L), masked tokens (N, L) with about half masked, times, noisy slots z_t (N, L, 16), σ."""
+  """Clean tokens (N, L), masked tokens (N, L) with about half masked, times, noisy slots z_t (N, L, H), σ."""
   rng = np.random.default_rng(seed)
   tokens = rng.integers(0, V, (N, L)).astype(np.int32)
   x_t = np.where(rng.random((N, L)) < 0.5, V, tokens).astype(np.int32)
   return dict(tokens=jnp.asarray(tokens), x_t=jnp.asarray(x_t), t=jnp.asarray([0.3, 0.8], jnp.float32),
-              z_t=jnp.asarray(rng.normal(size=(N, L, 16)), jnp.float32), sigmas=jnp.asarray([0.5, 3.0], jnp.float32))
+              z_t=jnp.asarray(rng.normal(size=(N, L, H)), jnp.float32), sigmas=jnp.asarray([0.5, 3.0], jnp.float32))
 
 
 def jitted(graphdef, method):
@@ -74,7 +68,7 @@ def test_rotary_scores_depend_on_offset_only():
 @pytest.mark.parametrize('kind,cls', [('mdm', text.MaskedDiT), ('mdm_dblock', text.DiffusionBlocksMaskedDiT),
                                       ('ar', text.ARLM), ('ar_dblock', text.DiffusionBlocksAR)])
 def test_build_and_output_shapes(tiny_config, kind, cls):
-  model = models.build(text_config(tiny_config, kind).model, **TEXT_DIMS)
+  model = models.build(tiny_config(kind, data='text').model, **TEXT_DIMS)
   assert isinstance(model, cls)
   x = inputs()  # Eager calls: their compiled ops are reused by the later tests' eager calls.
   if kind.startswith('mdm'):
@@ -83,14 +77,14 @@ def test_build_and_output_shapes(tiny_config, kind, cls):
     out = model.logits(x['tokens'])
   else:
     out = model.denoise(x['tokens'], x['z_t'], x['sigmas'], 1)
-    assert model.embedding_table(1).shape == (V, 16)
+    assert model.embedding_table(1).shape == (V, H)
   chex.assert_shape(out, (N, L, V))
   assert out.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(out)))
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(models.split(model)[1]))
 
 
 def test_bfloat16_compute_keeps_fp32_params_and_logits(tiny_config):
-  model = models.build(text_config(tiny_config, 'ar_dblock', model__compute_dtype='bfloat16').model, **TEXT_DIMS)
+  model = models.build(tiny_config('ar_dblock', data='text', model__compute_dtype='bfloat16').model, **TEXT_DIMS)
   x = inputs()
   graphdef, params = models.split(model)
   out = jitted(graphdef, 'denoise')(params, x['tokens'], x['z_t'], x['sigmas'], 0)
@@ -100,17 +94,17 @@ def test_bfloat16_compute_keeps_fp32_params_and_logits(tiny_config):
 
 def test_build_names_what_is_missing(tiny_config):
   with pytest.raises(ValueError, match=r"'mdm' needs the data dimensions vocab_size, seq_len; missing: vocab_size;"):
-    models.build(text_config(tiny_config, 'mdm').model, seq_len=L)
+    models.build(tiny_config('mdm', data='text').model, seq_len=L)
   with pytest.raises(ValueError, match='missing: image_size, channels, num_classes'):
-    models.build(text_config(tiny_config, 'dit').model, **TEXT_DIMS)
+    models.build(tiny_config('dit', data='text').model, **TEXT_DIMS)
   with pytest.raises(ValueError, match=r"model.kind='gpt' is not one of .*'mdm_dblock'"):
-    models.build(text_config(tiny_config, 'gpt').model, **TEXT_DIMS)
+    models.build(tiny_config('gpt', data='text').model, **TEXT_DIMS)
 
 
 # --- who sees whom ---
 
 def test_arlm_position_i_sees_only_tokens_before_i(tiny_config, jitter_params):
-  graphdef, params = built(text_config(tiny_config, 'ar'), jitter_params)
+  graphdef, params = built(tiny_config('ar', data='text'), jitter_params)
   logits = jitted(graphdef, 'logits')
   tokens = inputs()['tokens']
   base = logits(params, tokens)
@@ -123,7 +117,7 @@ def test_arlm_position_i_sees_only_tokens_before_i(tiny_config, jitter_params):
 
 
 def test_ar_diffusion_slot_i_sees_its_prefix_and_itself(tiny_config, jitter_params):
-  graphdef, params = built(text_config(tiny_config, 'ar_dblock'), jitter_params)
+  graphdef, params = built(tiny_config('ar_dblock', data='text'), jitter_params)
   denoise = jitted(graphdef, 'denoise')
   x = inputs()
   tokens, z_t, sigmas = x['tokens'], x['z_t'], x['sigmas']
@@ -142,7 +136,7 @@ def test_ar_diffusion_slot_i_sees_its_prefix_and_itself(tiny_config, jitter_para
 
 
 def test_masked_dit_every_position_sees_every_token(tiny_config, jitter_params):
-  graphdef, params = built(text_config(tiny_config, 'mdm'), jitter_params)
+  graphdef, params = built(tiny_config('mdm', data='text'), jitter_params)
   denoise = jitted(graphdef, 'denoise')
   x = inputs()
   base = denoise(params, x['x_t'], x['t'])
@@ -158,7 +152,7 @@ def test_masked_dit_every_position_sees_every_token(tiny_config, jitter_params):
 def test_stacked_blocks_run_the_same_layers_as_a_list(tiny_config, jitter_params, kind):
   """Same seed, stacked (default) vs listed (stack=False): same parameters, and each block (an int, or a traced
   index into the stack) gives the listed block's output; the blocks differ from each other."""
-  c = text_config(tiny_config, kind, model__num_layers=4)
+  c = tiny_config(kind, data='text', model__num_layers=4)
   cls = text.DiffusionBlocksMaskedDiT if kind == 'mdm_dblock' else text.DiffusionBlocksAR
   make = lambda **kw: models.split(cls(c.model, [2, 2], rngs=nnx.Rngs(0), **TEXT_DIMS, **kw))
   (stacked_def, stacked), (listed_def, listed) = make(), make(stack=False)
@@ -179,7 +173,7 @@ def test_stacked_blocks_run_the_same_layers_as_a_list(tiny_config, jitter_params
 
 def test_one_block_of_every_layer_is_the_end_to_end_model(tiny_config, jitter_params):
   """The end-to-end masked model draws parts then layers, as DiffusionBlocks does: one seed, the same numbers."""
-  c = text_config(tiny_config, 'mdm')
+  c = tiny_config('mdm', data='text')
   e2e = text.MaskedDiT(c.model, rngs=nnx.Rngs(3), **TEXT_DIMS)
   one = text.DiffusionBlocksMaskedDiT(c.model, [2], rngs=nnx.Rngs(3), stack=False, **TEXT_DIMS)
   x = inputs()
@@ -194,14 +188,14 @@ def test_one_block_of_every_layer_is_the_end_to_end_model(tiny_config, jitter_pa
 
 
 def test_independent_blocks_start_from_one_embedding(tiny_config):
-  model = models.build(text_config(tiny_config, 'ar_dblock', model__independent_blocks=True).model, **TEXT_DIMS)
+  model = models.build(tiny_config('ar_dblock', data='text', model__independent_blocks=True).model, **TEXT_DIMS)
   params = models.split(model)[1]
-  assert 'shared' not in params and params['blocks']['shared']['token_embed'].shape == (2, V, 16)
+  assert 'shared' not in params and params['blocks']['shared']['token_embed'].shape == (2, V, H)
   np.testing.assert_array_equal(model.embedding_table(0), model.embedding_table(1))
 
 
 def test_dropout_takes_an_explicit_key(tiny_config):
-  model = models.build(text_config(tiny_config, 'ar', model__dropout=0.5).model, **TEXT_DIMS)
+  model = models.build(tiny_config('ar', data='text', model__dropout=0.5).model, **TEXT_DIMS)
   tokens = inputs()['tokens']
   key = jax.random.key(0)
   np.testing.assert_array_equal(model(tokens), model(tokens))  # key=None: deterministic.

@@ -8,7 +8,6 @@ a local archive, and the host probe by one that answers as told.
 from __future__ import annotations
 
 import io
-import os
 import pathlib
 import socket
 import subprocess
@@ -19,14 +18,12 @@ import threading
 import numpy as np
 import pytest
 
-from diffblocks_jax import config as config_lib
 from diffblocks_jax.training import checkpointing
 from diffblocks_jax.data import input_pipeline as ip
 from diffblocks_jax.data import tfds_preparation
 from diffblocks_jax.data.dataset import DataError
-from conftest import HANG_GUARD_S
+from helpers import HANG_GUARD_S, ROOT, run_cli, subprocess_env, tiny_config
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 CIFAR100_URL = 'https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz'
 
 
@@ -90,9 +87,8 @@ np.savez(out, train_images=data.train_images, train_labels=data.train_labels, te
 def test_download_prepare_and_train_from_a_tiny_cifar100_archive(tmp_path):
   archive, data_dir, workdir = tmp_path / 'cifar-100-binary.tar.gz', tmp_path / 'tfds', tmp_path / 'run'
   written = _cifar100_archive(archive, num_train=16, num_test=8)
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
   prepared = subprocess.run([sys.executable, '-c', _PREPARE, str(archive), str(data_dir), str(tmp_path / 'read.npz')],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
+                            cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=HANG_GUARD_S)
   assert prepared.returncode == 0, prepared.stderr[-3000:]
   read = np.load(tmp_path / 'read.npz')
   assert int(read['num_classes']) == 100
@@ -102,11 +98,9 @@ def test_download_prepare_and_train_from_a_tiny_cifar100_archive(tmp_path):
                                                                           written[f'{split}_labels']), split
   assert list((data_dir / 'cifar100' / '3.0.2').glob('*.array_record*'))
   # The CLI trains from the prepared files, offline (no download allowed): 16 images, batch 8, two steps.
-  train = subprocess.run(
-      [sys.executable, '-m', 'diffblocks_jax.main', '--config=configs/testing.py:dblock', f'--workdir={workdir}',
-       '--config.data.name=cifar100', f'--config.data.tfds_data_dir={data_dir}', '--config.data.tfds_download=False',
-       '--config.train.scale_epochs_by_blocks=False', '--config.eval.batch_size=8'],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
+  train = run_cli('--config=configs/testing.py:dblock', f'--workdir={workdir}', '--config.data.name=cifar100',
+                  f'--config.data.tfds_data_dir={data_dir}', '--config.data.tfds_download=False',
+                  '--config.train.scale_epochs_by_blocks=False', '--config.eval.batch_size=8')
   assert train.returncode == 0, train.stderr[-3000:]
   assert 'Data: cifar100: 16 training images' in train.stderr and '32x32x3' in train.stderr, train.stderr[-3000:]
   assert checkpointing.Checkpointer(workdir / 'checkpoints').all_steps()[-1] == 2
@@ -131,9 +125,8 @@ def _offline(monkeypatch):
 
 
 def _cifar100_config(data_dir):
-  d = config_lib.get_base_config().data
-  d.name, d.tfds_data_dir = 'cifar100', str(data_dir)
-  return d
+  """The data section of a tiny CIFAR-100 config reading (or preparing) TFDS data in `data_dir`."""
+  return tiny_config(data='cifar', data__tfds_data_dir=str(data_dir)).data
 
 
 def test_offline_fails_fast_naming_the_host_first_and_creates_nothing(tmp_path, monkeypatch):
