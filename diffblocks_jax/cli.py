@@ -24,7 +24,7 @@ from absl import flags
 from absl import logging
 import ml_collections
 
-from diffblocks_jax.training import checkpointing, locking, paths
+from diffblocks_jax.training import checkpointing, locking, paths, reporting
 from diffblocks_jax import config as config_lib
 from diffblocks_jax.data import dataset
 
@@ -32,19 +32,37 @@ EXIT_USAGE = 2
 # A missing workdir/config.json or checkpoint is a FileNotFoundError naming the path (config.load_workdir,
 # experiment.load_trained); MeshError is a ConfigError.
 USER_ERRORS = (config_lib.ConfigError, dataset.DataError, checkpointing.CheckpointError, locking.WorkdirBusyError,
-               FileNotFoundError)
+               paths.WorkdirWriteError, FileNotFoundError)
 TRACEBACK_ENV = 'DIFFBLOCKS_TRACEBACK'
 # Libraries whose INFO lines drown the run's own (a digits run: ~800 of Orbax's among 1,036). Their warnings
 # and errors still show.
-QUIET_LIBRARIES = ('orbax', 'jax', 'tensorflow', 'tensorflow_datasets', 'etils')
+QUIET_LIBRARIES = ('orbax', 'jax', 'tensorflow', 'tensorflow_datasets', 'etils', 'asyncio')
 
 
 def fail(message: str) -> NoReturn:
-  """Prints `error: message` on stderr and exits with status 2 (a usage error)."""
+  """Prints `error: message` on stderr and exits with status 2 (a usage error). Library tracebacks kept off
+  the console (`quiet_library_logs`) are named, if any were written."""
   sys.stdout.flush()
+  if reporting.details_written():
+    message += f' (the libraries\' tracebacks: {reporting.DETAILS_PATH})'
   sys.stderr.write(f'error: {message}\n')
   sys.stderr.flush()
   sys.exit(EXIT_USAGE)
+
+
+class _DetailsLog(std_logging.Handler):
+  """Library errors with tracebacks go to reporting.DETAILS_PATH, not the console, where the one-line error names
+  the failure."""
+
+  def __init__(self):
+    super().__init__(std_logging.DEBUG)
+    self.setFormatter(std_logging.Formatter('%(asctime)s %(pathname)s:%(lineno)d %(levelname)s %(message)s'))
+
+  def emit(self, record: std_logging.LogRecord) -> None:
+    reporting.write_details(self.format(record))
+
+
+_DETAILS = _DetailsLog()
 
 
 @contextlib.contextmanager
@@ -68,7 +86,11 @@ def quiet_library_logs(quiet: bool = True, handler: std_logging.Handler | None =
 
   def keep(record: std_logging.LogRecord) -> bool:
     # absl's logger names no module, so the library is told by the file that logged the line.
-    return record.levelno >= std_logging.WARNING or not any(f in record.pathname for f in folders)
+    library = any(f in record.pathname for f in folders)
+    if library and record.levelno >= std_logging.ERROR and record.exc_info:
+      _DETAILS.handle(record)
+      return False
+    return record.levelno >= std_logging.WARNING or not library
 
   (handler or logging.get_absl_handler()).addFilter(keep)
 
@@ -123,8 +145,9 @@ def check_workdir(workdir: str, *, writes: bool) -> None:
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)
   if not os.access(existing, os.W_OK):
-    fail(f'--workdir={workdir}: {existing} is not writable (a read-only disk, or another user\'s folder): pass a '
-         'folder you can write to')
+    saved = f' {paths.last_saved(workdir)}' if os.path.isdir(workdir) else ''
+    fail(f'--workdir={workdir}: {existing} is not writable (a read-only disk, or another user\'s folder).{saved} '
+         'Pass a folder you can write to (or make this one writable) and run again.')
 
 
 def get_config(workdir: str) -> ml_collections.ConfigDict:

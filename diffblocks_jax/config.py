@@ -394,18 +394,38 @@ def load_file(path: str) -> ml_collections.ConfigDict:
   return module.get_config(arg) if arg else module.get_config()
 
 
-def load_workdir(workdir: str) -> ml_collections.ConfigDict:
-  """The resolved config a run saved in WORKDIR/config.json (for evaluation and notebooks). Fields added to the
-  code after the run was saved hold their defaults, so that readers and `--config.<field>` overrides find them."""
-  import json, os  # pylint: disable=g-import-not-at-top,multiple-imports
+CONFIG_COPY = ('config', 'metadata')  # Each checkpoint keeps the run's config in <step>/config/metadata.
+
+
+def read_saved(workdir: str) -> dict:
+  """WORKDIR/config.json as a dict. A damaged file is a ConfigError naming it, where it is broken and the fix:
+  the copy every checkpoint keeps (training/checkpointing.py), or the config file with allow_config_change."""
+  import glob, json, os  # pylint: disable=g-import-not-at-top,multiple-imports
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} does not exist: is {workdir!r} the workdir of a training run?')
-  with open(path) as f:
-    saved = json.load(f)
+  try:
+    with open(path, encoding='utf-8') as f:
+      saved = json.load(f)
+    if not isinstance(saved, dict) or not isinstance(saved.get('model'), dict):
+      raise ValueError('it is not a config (no model section)')
+  except (ValueError, UnicodeDecodeError) as e:
+    where = f' at line {e.lineno}, column {e.colno}' if isinstance(e, json.JSONDecodeError) else ''
+    copies = sorted(glob.glob(os.path.join(workdir, 'checkpoints', '*', *CONFIG_COPY)),
+                    key=lambda p: int(p.split(os.sep)[-3]) if p.split(os.sep)[-3].isdigit() else -1)
+    fix = (f'restore it from the copy in the latest checkpoint: cp {copies[-1]} {path}' if copies else
+           'no checkpoint keeps a copy of it')
+    raise ConfigError(f'{path} is damaged ({getattr(e, "msg", e)}{where}): {fix}; or pass the config file that '
+                      'started the run, --config=..., with --config.train.allow_config_change=True to write it '
+                      'anew.') from None
+  return saved
+
+
+def load_workdir(workdir: str) -> ml_collections.ConfigDict:
+  """The resolved config a run saved in WORKDIR/config.json (for evaluation and notebooks). Fields added to the
+  code after the run was saved hold their defaults, so that readers and `--config.<field>` overrides find them."""
+  saved = read_saved(workdir)
   for section, defaults in get_base_config().to_dict().items():
     if isinstance(defaults, dict) and isinstance(saved.get(section), dict):
       saved[section] = {**defaults, **saved[section]}
-  config = ml_collections.ConfigDict(saved)
-  # JSON turns tuples into lists; the code treats both alike, but keep the defaults' types for overrides.
-  return config
+  return ml_collections.ConfigDict(saved)

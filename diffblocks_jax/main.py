@@ -35,18 +35,22 @@ def main(argv):
   with cli.exit_on_user_error():
     distributed.maybe_initialize(config)
     logging.debug('Config:\n%s', config)
-    if _MODE.value == 'train':
-      try:
+    try:
+      if _MODE.value == 'train':
         train.train_and_evaluate(config, workdir)
-      except train.Preempted as e:
-        logging.warning('%s', e)
-        sys.exit(train.EXIT_PREEMPTED)
-    elif _MODE.value == 'eval':
-      logging.set_verbosity(logging.WARNING)  # The answer only; warnings still show.
-      print(evaluation.evaluate(config, workdir)[1])
-    else:
-      logging.set_verbosity(logging.WARNING)
-      print(evaluation.sample(config, workdir, _NUM_SAMPLES.value))
+      elif _MODE.value == 'eval':
+        logging.set_verbosity(logging.WARNING)  # The answer only; warnings still show.
+        print(evaluation.evaluate(config, workdir)[1])
+      else:
+        logging.set_verbosity(logging.WARNING)
+        print(evaluation.sample(config, workdir, _NUM_SAMPLES.value))
+    except train.Preempted as e:  # SIGTERM or Ctrl-C during training: what is saved, in one line.
+      logging.warning('%s', e)
+      sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop's care (loading, evaluating): nothing to save.
+      sys.stderr.write(f'\nStopped by Ctrl-C (--mode={_MODE.value}); nothing was written by this command after '
+                       'that point.\n')
+      sys.exit(train.EXIT_INTERRUPTED)
 
 
 if __name__ == '__main__':

@@ -1,7 +1,8 @@
 """Checkpoints of the training state in WORKDIR/checkpoints: Orbax's CheckpointManager, made safe to resume.
 
-Each step directory holds three Orbax items: `state` (the arrays), `manifest` (JSON: every leaf's path,
-shape, dtype and a fingerprint of its bits) and, when given, `meta` (the caller's small JSON dict).
+Each step directory holds Orbax items: `state` (the arrays), `manifest` (JSON: every leaf's path, shape, dtype
+and a fingerprint of its bits) and, when given, `meta` (the caller's small JSON dict) and `config` (the run's
+config, from which a damaged WORKDIR/config.json can be restored: config.CONFIG_COPY).
 
 * Keys: the state is saved as `flax.serialization.to_state_dict(state)` (dataclasses become dicts, int
   keys like `params['blocks'][0]` become '0') and rebuilt with `from_state_dict(abstract_state, ...)`, so
@@ -14,7 +15,10 @@ shape, dtype and a fingerprint of its bits) and, when given, `meta` (the caller'
 
 from __future__ import annotations
 
+import errno
+import glob
 import os
+import shutil
 import time
 from typing import Any
 
@@ -26,8 +30,12 @@ from absl import logging
 from etils import epath
 from flax import serialization
 
+from diffblocks_jax import config as config_lib
+from diffblocks_jax.training import paths, reporting
+
 PyTree = Any
 _STATE, _MANIFEST, _META = 'state', 'manifest', 'meta'
+_CONFIG = config_lib.CONFIG_COPY[0]  # Where config.read_saved finds the copy.
 
 
 class CheckpointError(ValueError):
@@ -128,6 +136,24 @@ def _verify(manifest: dict[str, Any], restored: PyTree) -> None:
     raise _Unreadable(f'fingerprint mismatch (damaged data) in {", ".join(bad)}')
 
 
+def _write_errno(error: BaseException | None) -> int | None:
+  """The errno of a failed write that is the disk's (paths.WRITE_ERRNOS) anywhere in `error`'s chain, also when
+  TensorStore reports it only in words; None otherwise."""
+  words = {'no space left': errno.ENOSPC, 'resource_exhausted': errno.ENOSPC, 'disk quota': errno.EDQUOT,
+           'read-only file system': errno.EROFS, 'permission denied': errno.EACCES}
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in paths.WRITE_ERRNOS:
+      return error.errno
+    text = str(error).lower()
+    for phrase, code in words.items():
+      if phrase in text:
+        return code
+    error = error.__cause__ or error.__context__
+  return None
+
+
 def _describe(e: BaseException) -> str:
   # TensorStore errors carry kilobytes of spec JSON after the useful first sentence.
   text = f'{type(e).__name__}: {e}'
@@ -153,6 +179,11 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(self.directory, options=options)
     self._unreadable: set[int] = set()  # Found damaged by restore(): a save at that step sets it aside.
     self._in_flight: int | None = None  # The step of the last save, until check_saves() has seen it land.
+    self._last_attempt: int | None = None  # The step of the last save asked for, for messages.
+    # While a save is in flight, stderr is held: if it fails, Orbax's writes still in flight fail one by one, each
+    # printing a traceback, which go to the details file, not the console (released there at close()).
+    self._held: reporting.HeldStderr | None = None
+    self._failing = False
     self._closed = False
 
   def all_steps(self) -> list[int]:
@@ -166,8 +197,10 @@ class Checkpointer:
   def step_path(self, step: int) -> epath.Path:
     return epath.Path(self.directory) / str(step)  # Orbax's default step name format.
 
-  def save(self, step: int, state: PyTree, *, metadata: dict | None = None, force: bool = False) -> bool:
-    """Saves `state` at `step` (asynchronously if so built); False if Orbax's policy skips it."""
+  def save(self, step: int, state: PyTree, *, metadata: dict | None = None, config: dict | None = None,
+           force: bool = False) -> bool:
+    """Saves `state` at `step` (asynchronously if so built), with `metadata` and a copy of the run's `config`
+    (JSON dicts); False if Orbax's policy skips it."""
     if not force and not self._manager.should_save(step):
       return False
     self._finish_pending()
@@ -179,9 +212,17 @@ class Checkpointer:
     items = {_STATE: ocp.args.StandardSave(tree), _MANIFEST: ocp.args.JsonSave(_manifest(tree))}
     if metadata is not None:
       items[_META] = ocp.args.JsonSave(metadata)
-    saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    if config is not None:
+      items[_CONFIG] = ocp.args.JsonSave(config)
+    self._last_attempt = step
+    try:
+      saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._failed_save(step, e) from e
     if saved:
       self._in_flight = step
+      if self._held is None:
+        self._held = reporting.HeldStderr()
     return saved
 
   def check_saves(self) -> None:
@@ -199,12 +240,37 @@ class Checkpointer:
     self._manager.reload()
     if cause is not None or step not in self._manager.all_steps():
       raise self._failed_save(step, cause)
+    self._release()
+
+  def _release(self) -> None:
+    if self._held is not None:
+      held, self._held = self._held, None
+      held.release(to_details=self._failing)
 
   def _failed_save(self, step: int | None, cause: BaseException | None) -> CheckpointError:
+    step = self._last_attempt if step is None else step
+    self._failing = True
+    self._remove_partial()
+    self._manager.reload()
+    on_disk = sorted(self._manager.all_steps())
+    code = _write_errno(cause)
+    if code is not None:  # The disk's doing: one line that says so, and what is safe.
+      return CheckpointError(f'cannot write checkpoint step {step} in {self.directory}: {os.strerror(code).lower()} '
+                             f'({paths.free_space(self.directory)}). The steps on disk are intact: {on_disk}; the '
+                             'partial step was removed. Free space (or fix the permissions) and run the same '
+                             'command again to resume.')
     return CheckpointError(f'Saving checkpoint step {step} in {self.directory} failed: '
                            f'{_describe(cause) if cause else "see the Orbax error logged above"}. The steps on disk '
-                           f'are intact: {sorted(self._manager.all_steps())}. Check the disk (space, permissions) '
-                           'and run the same command again to resume.')
+                           f'are intact: {on_disk}. Check the disk (space, permissions) and run the same command '
+                           'again to resume.')
+
+  def _remove_partial(self) -> None:
+    """Deletes what a failed save left: Orbax's temporary step folders, which it never lists nor reads."""
+    if jax.process_index() != 0 or '://' in self.directory:
+      return
+    for partial in glob.glob(os.path.join(self.directory, '*.orbax-checkpoint-tmp*')):
+      logging.debug('Removing %s, left by the failed save.', partial)
+      shutil.rmtree(partial, ignore_errors=True)
 
   def set_aside(self, step: int, reason: str) -> str:
     """Renames a step out of Orbax's sight, kept for inspection (damaged, diverged, superseded by a resume
@@ -312,7 +378,10 @@ class Checkpointer:
       try:
         self.wait()  # A failed save is reported as ours, not as Orbax's raw error from close().
       finally:
-        self._manager.close()
+        try:
+          self._manager.close()
+        finally:
+          self._release()
 
   def __enter__(self) -> Checkpointer:
     return self

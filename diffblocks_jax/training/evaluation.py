@@ -25,10 +25,15 @@ def evaluate(config, workdir: str) -> tuple[dict[str, float], str]:
   step = int(state.step)
   metrics, line = exp.task.make_evaluator(exp, workdir)(state.params, step)
   result = {'step': step, **metrics}
+  answer = f'Checkpoint step {step}: {line}.'
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'eval.json'), 'w') as f:
-      json.dump(result, f)
-  return result, f'Checkpoint step {step}: {line}.'
+    path = os.path.join(workdir, 'eval.json')
+    try:
+      with open(path, 'w') as f:
+        json.dump(result, f)
+    except OSError as e:  # A read-only or full disk: the answer stands, the file is what is missing.
+      answer += f' (Could not write {path}: {os.strerror(e.errno).lower() if e.errno else e}.)'
+  return result, answer
 
 
 def sample(config, workdir: str, num_samples: int = 100) -> str:

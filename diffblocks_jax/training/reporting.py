@@ -5,9 +5,12 @@ Only process 0 writes; other processes get a writer that does nothing.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import sys
+import tempfile
 import time
 
 from absl import logging
@@ -16,6 +19,53 @@ import numpy as np
 
 from diffblocks_jax import config as config_lib
 from diffblocks_jax.tasks import registry
+
+
+# Library tracebacks kept off the console (a full disk makes Orbax log one per array it could not write) go to
+# this file in the system's temporary folder; the one-line error that ends the run names it.
+DETAILS_PATH = os.path.join(tempfile.gettempdir(), f'diffblocks_jax-{os.getpid()}.log')
+_details = {'written': False}
+
+
+def write_details(text: str) -> None:
+  """Appends `text` to DETAILS_PATH; a failure to write is ignored (that disk may be full too)."""
+  try:
+    with open(DETAILS_PATH, 'a', encoding='utf-8') as f:
+      f.write(text if text.endswith('\n') else text + '\n')
+    _details['written'] = True
+  except OSError:
+    pass
+
+
+def details_written() -> bool:
+  return _details['written']
+
+
+class HeldStderr:
+  """While held, what is printed on stderr (by any thread: Orbax's writer threads print their tracebacks there)
+  is kept; `release` passes it on to the console, or, after a failure the one-line error already names, to
+  DETAILS_PATH."""
+
+  def __init__(self):
+    self._kept: list[str] = []
+    self._stderr = sys.stderr
+    sys.stderr = self
+
+  def write(self, text: str) -> int:
+    self._kept.append(text)
+    return len(text)
+
+  def flush(self) -> None:
+    pass
+
+  def release(self, *, to_details: bool) -> None:
+    if sys.stderr is self:
+      sys.stderr = self._stderr
+    text, self._kept = ''.join(self._kept), []
+    if text and to_details:
+      write_details(text)
+    elif text:
+      sys.stderr.write(text)
 
 
 def run_line(config, workdir: str) -> str:
@@ -50,8 +100,14 @@ def format_duration(seconds: float) -> str:
   return f'{h}h{m:02d}m' if h else f'{m}m{s:02d}s'
 
 
+METRICS_FILE = 'metrics.jsonl'
+
+
 class MetricWriter:
-  """Appends one JSON object per line to WORKDIR/metrics.jsonl and mirrors scalars to TensorBoard."""
+  """Appends one JSON object per line to WORKDIR/metrics.jsonl and mirrors scalars to TensorBoard.
+
+  Each record is one `write` of a whole line to a file opened for appending, so a kill leaves at most a torn
+  last line (which `read_metrics` skips and `repair_metrics` cuts before a resumed run appends)."""
 
   def __init__(self, workdir: str, *, enabled: bool = True):
     self.enabled = enabled
@@ -59,7 +115,7 @@ class MetricWriter:
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._path = os.path.join(workdir, 'metrics.jsonl')
+    self._path = os.path.join(workdir, METRICS_FILE)
     try:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
@@ -70,8 +126,14 @@ class MetricWriter:
     if not self.enabled:
       return
     record = {'step': int(step), **{k: float(v) for k, v in metrics.items()}}
-    with open(self._path, 'a') as f:
-      f.write(json.dumps(record) + '\n')
+    line = (json.dumps(record) + '\n').encode()
+    fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+      written = os.write(fd, line)
+    finally:
+      os.close(fd)
+    if written != len(line):  # A full disk can take part of a line: the record is not whole.
+      raise OSError(errno.ENOSPC, f'only {written} of {len(line)} bytes of a record were written', self._path)
     if self._tb is not None:
       for k, v in metrics.items():
         self._tb.add_scalar(k, float(v), int(step))
@@ -95,12 +157,95 @@ def summarise(metrics: dict[str, np.ndarray], num_blocks: int) -> dict[str, floa
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  """Records of WORKDIR/metrics.jsonl (for notebooks and tests)."""
-  path = os.path.join(workdir, 'metrics.jsonl')
+  """Records of WORKDIR/metrics.jsonl (for the loop, notebooks and tests). A line that is not a whole record
+  (the torn tail of a killed write, or damage) is skipped and reported with its file and line number."""
+  path = os.path.join(workdir, METRICS_FILE)
   if not os.path.exists(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  records, _ = _parse_metrics(path)
+  return records
+
+
+def _parse_metrics(path: str) -> tuple[list[dict], list[int]]:
+  """(records, numbers of the lines skipped)."""
+  records, skipped = [], []
+  with open(path, 'rb') as f:
+    lines = f.read().split(b'\n')
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+      if not isinstance(record, dict) or not isinstance(record.get('step'), int):
+        raise ValueError('not a record with an integer step')
+    except ValueError:
+      torn = number == len(lines)  # No newline after it: a write that did not finish.
+      logging.warning('%s:%d: skipped %s (%d bytes): %r', path, number,
+                      'a torn last line, left by a run stopped while writing it' if torn else 'a damaged line',
+                      len(line), line[:80])
+      skipped.append(number)
+      continue
+    records.append(record)
+  return records, skipped
+
+
+def repair_metrics(workdir: str) -> str | None:
+  """Cuts a torn last line (no newline after it) off WORKDIR/metrics.jsonl before a resumed run appends to it;
+  what was cut is kept beside it (returned path), so nothing is lost."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path, 'rb') as f:
+    data = f.read()
+  if not data or data.endswith(b'\n'):
+    return None
+  keep = data.rfind(b'\n') + 1
+  aside = os.path.join(workdir, f'metrics.torn-{time.strftime("%Y%m%d-%H%M%S")}.jsonl')
+  with open(aside, 'wb') as f:
+    f.write(data[keep:])
+  with open(path, 'r+b') as f:
+    f.truncate(keep)
+  logging.warning('%s ended in a torn line (%d bytes), left by a run stopped while writing it: cut, and kept in '
+                  '%s.', path, len(data) - keep, aside)
+  return aside
+
+
+def set_aside_metrics(workdir: str, step: int) -> str | None:
+  """Moves the metrics.jsonl records of steps after `step` to metrics.superseded-<time>.jsonl (returned): a run
+  that resumes from `step` (or starts again, step 0) logs those steps anew, so the log never holds two records
+  for one step."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path, 'rb') as f:
+    lines = f.read().splitlines(keepends=True)
+  later = lambda line: (lambda r: isinstance(r, dict) and isinstance(r.get('step'), int) and r['step'] > step)(
+      _record_or_none(line))
+  moved = [line for line in lines if later(line)]
+  if not moved:
+    return None
+  aside = os.path.join(workdir, f'metrics.superseded-{time.strftime("%Y%m%d-%H%M%S")}.jsonl')
+  with open(aside, 'wb') as f:
+    f.writelines(moved)
+  with open(path + '.tmp', 'wb') as f:
+    f.writelines(line for line in lines if not later(line))
+  os.replace(path + '.tmp', path)
+  logging.info('Moved the %d metrics records after step %d to %s: the resumed run logs those steps anew.',
+               len(moved), step, aside)
+  return aside
+
+
+def _record_or_none(line: bytes):
+  try:
+    return json.loads(line)
+  except ValueError:
+    return None
+
+
+def logged_steps(workdir: str) -> tuple[int, int] | None:
+  """(first, last) step of the training records in metrics.jsonl; None without any."""
+  steps = [r['step'] for r in read_metrics(workdir) if 'train/loss' in r]
+  return (min(steps), max(steps)) if steps else None
 
 
 class Progress:
@@ -166,7 +311,9 @@ def end_summary(result: dict, *, workdir: str, total_steps: int, wall_s: float, 
   if checkpoint_dir:
     latest = f' (latest step {checkpoint_step})' if checkpoint_step is not None else ''
     lines.append(f'  checkpoints: {os.path.abspath(checkpoint_dir)}{latest}')
-  lines.append(f'  metrics: {os.path.join(workdir, "metrics.jsonl")}')
+  covered = logged_steps(workdir)
+  covers = f' (training records of steps {covered[0]}-{covered[1]})' if covered else ''
+  lines.append(f'  metrics: {os.path.join(workdir, METRICS_FILE)}{covers}')
   if os.path.isdir(os.path.join(workdir, 'tensorboard')):
     board = os.path.join(workdir, 'tensorboard')
     lines.append(f'  TensorBoard: uv run --with tensorboard tensorboard --logdir {board}')

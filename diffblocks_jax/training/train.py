@@ -19,7 +19,7 @@ import numpy as np
 from absl import logging
 
 from diffblocks_jax import config as config_lib
-from diffblocks_jax.training import checkpointing, locking, reporting, sharding
+from diffblocks_jax.training import checkpointing, locking, paths, reporting, sharding
 from diffblocks_jax.core import blocks, steps
 from diffblocks_jax.training.experiment import Experiment, build_experiment, put_train_split
 
@@ -81,36 +81,59 @@ def make_train_chunk(exp: Experiment, *, block: int | None = None, train_step=No
                  out_shardings=(state_shardings, sharding.replicated(mesh)))
 
 
-EXIT_PREEMPTED = 75  # Exit status of a run stopped by SIGTERM after saving (EX_TEMPFAIL: run it again).
+EXIT_PREEMPTED = 75  # A run stopped by SIGTERM after saving (EX_TEMPFAIL: run it again).
+EXIT_INTERRUPTED = 130  # A run stopped by Ctrl-C (128 + SIGINT), saved or not.
 
 
 class Preempted(Exception):
-  """SIGTERM stopped training between two compiled calls; the message names the step saved."""
+  """A signal stopped training: SIGTERM or a first Ctrl-C between two compiled calls (the current step saved), or
+  a second Ctrl-C at once (nothing saved). The message names the step that is saved; `exit_code` is the
+  process's exit status."""
+
+  def __init__(self, message: str, exit_code: int):
+    super().__init__(message)
+    self.exit_code = exit_code
+
+
+class _Stop(Exception):
+  """Raised in the loop when the stop flag is set; becomes Preempted once the step is saved."""
 
 
 class _StopFlag:
-  """Set by SIGTERM. The handler only sets it: raising from a signal handler can land inside a donated call,
-  an Orbax save or a garbage-collection callback, where the exception is lost or leaves damage."""
+  """Set by SIGTERM or Ctrl-C. The handler only sets it: raising from a signal handler can land inside a donated
+  call, an Orbax save or a garbage-collection callback, where the exception is lost or leaves damage. A second
+  Ctrl-C is the person insisting: it raises KeyboardInterrupt at once, and nothing more is saved."""
 
   def __init__(self):
-    self.requested = False
+    self.signum = None
 
   def __call__(self, signum, frame):
-    del signum, frame
-    self.requested = True
+    del frame
+    if signum == signal.SIGINT and self.signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    if signum == signal.SIGINT:
+      # os.write: the only output that is safe inside a signal handler (logging takes locks).
+      os.write(2, b'\nCtrl-C: stopping after the current call and saving this step (Ctrl-C again stops at once, '
+                  b'without saving).\n')
+    self.signum = self.signum or signum
+
+  @property
+  def name(self) -> str:
+    return 'Ctrl-C' if self.signum == signal.SIGINT else 'SIGTERM'
 
   def everywhere(self) -> bool:
     """True on every process as soon as any process was signalled: all must stop at the same step."""
     if jax.process_count() == 1:
-      return self.requested
+      return self.signum is not None
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(self.signum is not None))))
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   """Trains (resuming from WORKDIR/checkpoints if any), evaluates, checkpoints; returns final metrics.
 
-  One run per workdir (`locking.WorkdirLock`); SIGTERM saves the current step and raises `Preempted`.
+  One run per workdir (`locking.WorkdirLock`). SIGTERM or Ctrl-C saves the current step and raises `Preempted`;
+  a write that fails for want of space or permission raises `paths.WorkdirWriteError` (docs/operations.md).
   """
   lead = jax.process_index() == 0
   with locking.WorkdirLock(workdir, enabled=lead):
@@ -118,21 +141,26 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
 
 def _train_and_evaluate(config, workdir: str, lead: bool) -> dict[str, float]:
-  stop = _StopFlag()  # From the start: a SIGTERM while loading or compiling is honoured at the first chance.
-  old_handler = signal.signal(signal.SIGTERM, stop) if _main_thread() else None
+  stop = _StopFlag()  # From the start: a signal while loading or compiling is honoured at the first chance.
+  signals = (signal.SIGTERM, signal.SIGINT)
+  old_handlers = {s: signal.signal(s, stop) for s in signals} if _main_thread() else {}
   try:
     return _train_loop(config, workdir, lead, stop)
+  except OSError as e:
+    if e.errno in paths.WRITE_ERRNOS:
+      raise paths.WorkdirWriteError.of(e, workdir) from None
+    raise
   finally:
-    if old_handler is not None:
-      signal.signal(signal.SIGTERM, old_handler)
+    for s, handler in old_handlers.items():
+      signal.signal(s, handler)
 
 
 def _restore_or_init(config, workdir: str, exp: Experiment, ckpt: checkpointing.Checkpointer, lead: bool):
-  """(state, resumed step or None). A workdir's saved config is compared before anything is overwritten."""
+  """(state, resumed step or None). A workdir's saved config is compared before anything is overwritten; the
+  metrics log is made to match the step the run goes on from."""
   saved = os.path.join(workdir, 'config.json')
   if ckpt.all_steps() and os.path.exists(saved) and not config.train.allow_config_change:
-    with open(saved) as f:
-      changed = config_lib.changed_fields(json.load(f), config)
+    changed = config_lib.changed_fields(config_lib.read_saved(workdir), config)
     if changed:
       raise config_lib.ConfigError(
           f'{workdir} holds a run started with another config; resuming would continue it under other rules:\n  '
@@ -143,31 +171,22 @@ def _restore_or_init(config, workdir: str, exp: Experiment, ckpt: checkpointing.
   if resume_step is not None:
     for later in [s for s in ckpt.all_steps() if s > resume_step]:
       ckpt.set_aside(later, 'superseded')
-    if lead:
-      _set_aside_metrics(workdir, resume_step)
-  if lead:  # Only now: a refused resume leaves the run's config as it was.
+  if lead:  # Only now: a refused resume leaves the run's config and metrics as they were.
     with open(saved, 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
+    # Whatever the path (the latest step, a named one, one before an unreadable step, none at all), the steps
+    # after the one the run goes on from are logged anew: their old records are set aside, never duplicated.
+    reporting.repair_metrics(workdir)
+    reporting.set_aside_metrics(workdir, restored[1] if restored is not None else 0)
   if restored is None:
     return exp.init_state(), None
   return restored
 
 
-def _set_aside_metrics(workdir: str, step: int) -> None:
-  """Moves metrics.jsonl records past `step` to metrics.superseded-<time>.jsonl: the resumed run logs them anew."""
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    lines = f.readlines()
-  keep = [line for line in lines if json.loads(line)['step'] <= step]
-  if len(keep) == len(lines):
-    return
-  with open(os.path.join(workdir, f'metrics.superseded-{time.strftime("%Y%m%d-%H%M%S")}.jsonl'), 'w') as f:
-    f.writelines(line for line in lines if json.loads(line)['step'] > step)
-  with open(path + '.tmp', 'w') as f:
-    f.writelines(keep)
-  os.replace(path + '.tmp', path)
+def _evaluation_at(workdir: str, step: int) -> dict | None:
+  """The last metrics record at `step` holding an evaluation, if one was logged."""
+  found = [r for r in reporting.read_metrics(workdir) if r['step'] == step and any(k.startswith('eval/') for k in r)]
+  return found[-1] if found else None
 
 
 @jax.jit
@@ -189,16 +208,14 @@ def _train_loop(config, workdir: str, lead: bool, stop: _StopFlag) -> dict[str, 
   except BaseException:
     ckpt.close()
     raise
-  if start is not None and start >= exp.total_steps:
-    finished = [r for r in reporting.read_metrics(workdir) if r['step'] == start and
-                any(k.startswith('eval/') for k in r)]
-    if finished:  # The answer, and nothing before it.
-      ckpt.close()
-      shown = ', '.join(f'{k} {v:.4g}' for k, v in finished[-1].items() if k.startswith('eval/'))
-      if lead:
-        logging.info('Already finished at step %d of %d: %s. Nothing to do (--config.train.num_epochs=N trains '
-                     'further).', start, exp.total_steps, shown)
-      return dict(finished[-1], step=start)
+  evaluated = _evaluation_at(workdir, start) if start is not None else None
+  if start is not None and start >= exp.total_steps and evaluated:  # The answer, and nothing before it.
+    ckpt.close()
+    shown = ', '.join(f'{k} {v:.4g}' for k, v in evaluated.items() if k.startswith('eval/'))
+    if lead:
+      logging.info('Already finished at step %d of %d: %s. Nothing to do (--config.train.num_epochs=N trains '
+                   'further).', start, exp.total_steps, shown)
+    return dict(evaluated, step=start)
   if lead:  # A few lines say what runs; the full config is in WORKDIR/config.json.
     for line in [reporting.run_line(config, workdir), *reporting.experiment_lines(exp)]:
       logging.info('%s', line)
@@ -216,6 +233,7 @@ def _train_loop(config, workdir: str, lead: bool, stop: _StopFlag) -> dict[str, 
   progress = reporting.Progress(exp.total_steps, config.train.batch_size, exp.steps_per_epoch, unit)
   eval_every = max(1, round(config.train.eval_every_epochs * exp.steps_per_epoch)) \
       if config.train.eval_every_epochs > 0 else exp.total_steps
+  saved_config = json.loads(config.to_json_best_effort())  # Kept in every checkpoint: config.CONFIG_COPY.
   step = first_step = int(state.step)
   last_good = step
   evaluated_at = None
@@ -261,7 +279,7 @@ def _train_loop(config, workdir: str, lead: bool, stop: _StopFlag) -> dict[str, 
     # Offloaded block stacks are not checked here: gathering them onto the device would undo the offload.
     if not config.train.offload_idle_blocks and not _all_finite(state.params):
       raise diverged(at_step, 'Non-finite parameters')
-    ckpt.save(at_step, state, metadata={'epoch': at_step / exp.steps_per_epoch}, force=True)
+    ckpt.save(at_step, state, metadata={'epoch': at_step / exp.steps_per_epoch}, config=saved_config, force=True)
 
   def evaluate_now():
     nonlocal evaluated_at
@@ -274,9 +292,11 @@ def _train_loop(config, workdir: str, lead: bool, stop: _StopFlag) -> dict[str, 
 
   pending = None
   try:
+    if start and not evaluated and start < exp.total_steps and start % eval_every == 0:
+      evaluate_now()  # The evaluation due at the step resumed from was interrupted (or never ran): redone first.
     while step < exp.total_steps:
       if stop.everywhere():
-        raise Preempted('SIGTERM')
+        raise _Stop
       n = min(config.train.steps_per_call, exp.total_steps - step)
       state, metrics = chunk_fn(state, arrays, n)
       if step == first_step:
@@ -300,21 +320,22 @@ def _train_loop(config, workdir: str, lead: bool, stop: _StopFlag) -> dict[str, 
       evaluate_now()
     ckpt.wait()
     ckpt.check_saves()
-  except (KeyboardInterrupt, Preempted) as e:
+  except _Stop:
     # Save where we are, if the state is known good, so the same command resumes here.
     if pending is not None:
       flush(pending)
     if last_good == step and ckpt.latest_step() != step:
-      try:
-        save(step)
-      except Exception as err:  # pylint: disable=broad-except
-        # Ctrl-C can land while the state's buffers are donated to a running call (SIGTERM cannot).
-        logging.warning('Could not save at interruption (%s); step %s stays the latest.', err, ckpt.latest_step())
-    if isinstance(e, Preempted):
-      ckpt.wait()
-      raise Preempted(f'Stopped by SIGTERM at step {step} of {exp.total_steps}; checkpoint step '
-                      f'{ckpt.latest_step()} is saved in {ckpt.directory}. Run the same command to resume.') from None
-    raise
+      save(step)
+    ckpt.wait()
+    code = EXIT_INTERRUPTED if stop.name == 'Ctrl-C' else EXIT_PREEMPTED
+    raise Preempted(f'Stopped by {stop.name} at step {step} of {exp.total_steps}; checkpoint step '
+                    f'{ckpt.latest_step()} is saved in {ckpt.directory}. Run the same command to resume.',
+                    code) from None
+  except KeyboardInterrupt:
+    # A second Ctrl-C: no save (the person asked to stop now); an asynchronous save already under way finishes.
+    raise Preempted(f'Stopped at once by a second Ctrl-C at step {step} of {exp.total_steps}, without saving; '
+                    f'checkpoint step {ckpt.latest_step()} in {ckpt.directory} is the latest. Run the same command '
+                    'to resume from it.', EXIT_INTERRUPTED) from None
   finally:
     latest = ckpt.latest_step()
     ckpt.close()
