@@ -1,5 +1,6 @@
-"""config.validate: every shipped config and variant passes; every impossible value is refused with its field
-named. The configs/ package: variants as arguments, no path hacks."""
+"""config.validate: every shipped config and variant passes; every impossible value, and every combination of
+fields that cannot work together (for each task), is refused with its fields named. The configs/ package: variants
+as arguments, no path hacks. config.load_workdir fills the fields a saved run predates."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 
 from configs import common
 from diffblocks_jax import config as config_lib
-from helpers import HANG_GUARD_S, ROOT, base_config, shipped_config
+from helpers import HANG_GUARD_S, ROOT, base_config, shipped_config, tiny_config
 
 CONFIG_DIR = ROOT / 'configs'
 # The config files (common.py and __init__.py define no get_config: they are not configs).
@@ -145,12 +147,67 @@ def test_a_config_saved_before_a_field_existed_still_validates(tmp_path):
   config_lib.validate(loaded)
 
 
-def test_a_saved_run_takes_overrides_of_fields_it_predates(tmp_path):
-  from diffblocks_jax import cli  # pylint: disable=g-import-not-at-top
-  c = config_lib.get_base_config().to_dict()
-  del c['eval']['top_k']  # As in a config.json written before the field existed.
-  c['eval']['batch_size'] = 7
-  (tmp_path / 'config.json').write_text(json.dumps(c))
-  loaded = cli.get_config(str(tmp_path))
-  assert loaded.eval.top_k == config_lib.get_base_config().eval.top_k  # The default.
-  assert loaded.eval.batch_size == 7  # What the run saved wins.
+# ------------------------------------------------------------------------------ fields that must agree, by task
+
+def test_fields_that_must_agree_are_refused_by_name():
+  """Layers and blocks, patch and image size (validate_data, once the data is known), batch and devices, the kind."""
+  config = shipped_config('cifar100_dblock.py', model__num_layers=10)
+  with pytest.raises(config_lib.ConfigError, match='config.model.num_layers=10'):
+    config_lib.validate(config, num_devices=1)
+  config = shipped_config('cifar100_dblock.py', model__patch_size=5)
+  with pytest.raises(config_lib.ConfigError, match='config.model.patch_size=5'):
+    config_lib.validate_data(config, types.SimpleNamespace(image_size=32, channels=3))
+  config = shipped_config('cifar100_dblock.py', train__batch_size=6)
+  with pytest.raises(config_lib.ConfigError, match='config.train.batch_size=6'):
+    config_lib.validate(config, num_devices=4)
+  config.model.kind = 'resnet'
+  with pytest.raises(config_lib.ConfigError, match="config.model.kind='resnet'"):
+    config_lib.validate(config, num_devices=1)
+
+
+def test_generation_settings_are_refused_by_name():
+  config = shipped_config('digits_dit_dblock.py')
+  config.model.hidden_size, config.model.num_heads = 18, 2
+  config.eval.num_samples, config.eval.solver = -1, 'rk4'
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(config)
+  for field in ('config.model.hidden_size=18', 'config.eval.num_samples=-1', "config.eval.solver='rk4'"):
+    assert field in str(e.value), str(e.value)
+
+
+def test_language_settings_are_refused_by_name():
+  config = shipped_config('text_ar_dblock.py')
+  config.data.source, config.data.seq_len, config.eval.temperature = 'digits', 1, 0.0
+  config.model.hidden_size, config.model.num_heads = 12, 4  # Head width 3: odd.
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(config)
+  for field in ("config.data.source='digits'", 'config.data.seq_len=1', 'config.eval.temperature=0.0',
+                'must be even'):
+    assert field in str(e.value), str(e.value)
+  image = shipped_config('digits_vit.py')
+  image.data.source = 'pydoc'
+  with pytest.raises(config_lib.ConfigError, match="needs image data"):
+    config_lib.validate(image)
+  masked = shipped_config('text_mdm_dblock.py')
+  masked.eval.solver = 'ancestral'
+  with pytest.raises(config_lib.ConfigError, match=r"config.eval.solver='ancestral' is not one of .* for "
+                                                  "model.kind='mdm_dblock'"):
+    config_lib.validate(masked)
+
+
+def test_noise_plan_and_validation_fraction_are_refused_by_name():
+  config = tiny_config(diffusion__noise_plan='tuned')
+  config.data.validation_fraction = 1.0
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(config)
+  assert 'config.diffusion.noise_plan' in str(e.value) and 'config.data.validation_fraction' in str(e.value)
+  vit = tiny_config('vit', diffusion__noise_plan='matched')
+  with pytest.raises(config_lib.ConfigError, match=r"noise_plan='matched' is not one of \('release',\) for "
+                     r"model.kind='vit' \('matched' is for a diffused embedding: kinds \('dblock', 'ar_dblock'\)\)"):
+    config_lib.validate(vit)
+  config_lib.validate(tiny_config(diffusion__noise_plan='matched'))
+  folder = tiny_config()
+  folder.data.update(source='folder', validation_fraction=0.1)
+  with pytest.raises(config_lib.ConfigError, match='validation_fraction=0.1 needs config.data.source'):
+    config_lib.validate(folder)
+  config_lib.validate(tiny_config('ar', data='text', data__validation_fraction=0.1))  # Text takes a validation split.

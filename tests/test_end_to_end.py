@@ -1,15 +1,15 @@
-"""End to end: the real CIFAR-100 configs under TFDS mock data, the CLI, resume, eval, and bad inputs."""
+"""End to end: the real CIFAR-100 configs under TFDS mock data (train, resume, eval), a non-finite loss, a damaged
+latest checkpoint through the CLI, the Tiny-ImageNet config on its folder layout, offloaded blocks.
+(The CLI's answers to mistakes: tests/test_main.py; config.validate: tests/test_config.py.)"""
 
 import json
 import os
-import types
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 from diffblocks_jax.training import checkpointing, evaluation, experiment, reporting, train
-from diffblocks_jax import config as config_lib
 from helpers import run_cli, shipped_config
 
 
@@ -66,36 +66,6 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   with pytest.raises(FloatingPointError, match='Non-finite loss'):
     train.train_and_evaluate(config, workdir)
   assert checkpoint_steps(workdir) == good
-
-
-def test_config_errors_name_the_field():
-  config = shipped_config('cifar100_dblock.py', model__num_layers=10)
-  with pytest.raises(config_lib.ConfigError, match='config.model.num_layers=10'):
-    config_lib.validate(config, num_devices=1)
-  config = shipped_config('cifar100_dblock.py', model__patch_size=5)
-  with pytest.raises(config_lib.ConfigError, match='config.model.patch_size=5'):
-    config_lib.validate_data(config, types.SimpleNamespace(image_size=32, channels=3))
-  config = shipped_config('cifar100_dblock.py', train__batch_size=6)
-  with pytest.raises(config_lib.ConfigError, match='config.train.batch_size=6'):
-    config_lib.validate(config, num_devices=4)
-  config.model.kind = 'resnet'
-  with pytest.raises(config_lib.ConfigError, match="config.model.kind='resnet'"):
-    config_lib.validate(config, num_devices=1)
-
-
-def test_cli_rejects_unknown_override_before_running(tmp_path):
-  proc = run_cli('--config=configs/digits_dblock.py', f'--workdir={tmp_path}', '--config.optim.lrr=5e-4')
-  assert proc.returncode != 0
-  assert 'lrr' in proc.stderr
-  assert not os.path.exists(os.path.join(tmp_path, 'checkpoints'))
-
-
-def test_cli_missing_tfds_data_says_what_to_do(tmp_path):
-  proc = run_cli('--config=configs/cifar100_dblock.py', f'--workdir={tmp_path / "w"}',
-                 f'--config.data.tfds_data_dir={tmp_path / "empty"}', '--config.data.tfds_download=False')
-  assert proc.returncode != 0
-  assert 'tfds_data_dir' in proc.stderr and 'digits' in proc.stderr
-  assert not os.path.exists(os.path.join(tmp_path, 'w', 'checkpoints'))
 
 
 @pytest.mark.slow

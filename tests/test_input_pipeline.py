@@ -154,7 +154,7 @@ def test_process_shards_are_disjoint_equal_and_cover_the_split():
     np.testing.assert_array_equal(s.test_images, full.test_images)
 
 
-def test_config_errors_name_the_field():
+def test_loader_errors_name_the_field():
   with pytest.raises(DataError, match=r"config.data.source='csv'.*'tfds', 'digits', 'npz', 'folder'"):
     ip.load_dataset(_data_config(source='csv'))
   with pytest.raises(DataError, match='config.data.mean'):

@@ -200,3 +200,22 @@ def test_untrained_bound_is_a_uniform_guess(kind):
   terms = np.asarray(jax.jit(masked_lm.make_bound_fn(graphdef, c, data))(params, tokens, jax.random.key(1)))
   total = terms.sum(-1) * language.BITS_PER_NAT
   assert abs(total.mean() - math.log2(vocab)) < 4 * total.std() / math.sqrt(len(total))
+
+
+def test_scorer_workdir_errors_name_the_field(tmp_path):
+  """load_scorer: the scorer must be an end-to-end 'ar' run on the same data."""
+  import os  # pylint: disable=g-import-not-at-top
+  from diffblocks_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from helpers import judged_by, shipped_config  # pylint: disable=g-import-not-at-top
+  config = shipped_config('text_ar_dblock.py')
+  config.eval.scorer_workdir = str(tmp_path / 'missing')
+  with pytest.raises(config_lib.ConfigError, match=r'config.eval.scorer_workdir=.*missing'):
+    language.load_scorer(judged_by(config), autoregressive.token_nll)
+  for kind, seq_len, match in (('mdm', 64, "holds a 'mdm' run"), ('ar', 32, 'other data')):
+    other = shipped_config('text_ar.py')
+    other.model.kind, other.data.seq_len = kind, seq_len
+    os.makedirs(tmp_path / kind, exist_ok=True)
+    (tmp_path / kind / 'config.json').write_text(other.to_json())
+    config.eval.scorer_workdir = str(tmp_path / kind)
+    with pytest.raises(config_lib.ConfigError, match=match):
+      language.load_scorer(judged_by(config), autoregressive.token_nll)

@@ -1,5 +1,6 @@
 """One run of each text config end to end (shrunk: a small slice of the CPython corpus as a file, tiny models):
-train, evaluate, sample; and the language settings' errors (tasks/, configs/text_*)."""
+train, evaluate, sample (tasks/, configs/text_*). The language settings' errors: tests/test_config.py (config.validate)
+and tests/test_language.py (the scorer run)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from diffblocks_jax import config as config_lib
-from helpers import judged_by, override, run_cli, shipped_config
+from helpers import override, run_cli, shipped_config
 
 
 def corpus_file(tmp_path) -> tuple[str, float]:
@@ -83,40 +84,6 @@ def test_autoregressive_configs_train_score_and_sample(tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   assert out.stdout.count('-' * 40) == 3
   assert os.path.exists(os.path.join(workdir, 'samples', 'sample_44.txt'))
-
-
-def test_language_settings_errors_name_the_field(tmp_path):
-  config = shipped_config('text_ar_dblock.py')
-  config.data.source, config.data.seq_len, config.eval.temperature = 'digits', 1, 0.0
-  config.model.hidden_size, config.model.num_heads = 12, 4  # Head width 3: odd.
-  with pytest.raises(config_lib.ConfigError) as e:
-    config_lib.validate(config)
-  for field in ("config.data.source='digits'", 'config.data.seq_len=1', 'config.eval.temperature=0.0',
-                'must be even'):
-    assert field in str(e.value), str(e.value)
-  image = shipped_config('digits_vit.py')
-  image.data.source = 'pydoc'
-  with pytest.raises(config_lib.ConfigError, match="needs image data"):
-    config_lib.validate(image)
-  masked = shipped_config('text_mdm_dblock.py')
-  masked.eval.solver = 'ancestral'
-  with pytest.raises(config_lib.ConfigError, match=r"config.eval.solver='ancestral' is not one of .* for "
-                                                  "model.kind='mdm_dblock'"):
-    config_lib.validate(masked)
-  # The scorer must be an end-to-end 'ar' run on the same data.
-  from diffblocks_jax.tasks import autoregressive, language  # pylint: disable=g-import-not-at-top
-  config = shipped_config('text_ar_dblock.py')
-  config.eval.scorer_workdir = str(tmp_path / 'missing')
-  with pytest.raises(config_lib.ConfigError, match=r'config.eval.scorer_workdir=.*missing'):
-    language.load_scorer(judged_by(config), autoregressive.token_nll)
-  for kind, seq_len, match in (('mdm', 64, "holds a 'mdm' run"), ('ar', 32, 'other data')):
-    other = shipped_config('text_ar.py')
-    other.model.kind, other.data.seq_len = kind, seq_len
-    os.makedirs(tmp_path / kind, exist_ok=True)
-    (tmp_path / kind / 'config.json').write_text(other.to_json())
-    config.eval.scorer_workdir = str(tmp_path / kind)
-    with pytest.raises(config_lib.ConfigError, match=match):
-      language.load_scorer(judged_by(config), autoregressive.token_nll)
 
 
 # Opt-in (DIFFBLOCKS_LONG_TESTS=1): the five shipped small text configs, unchanged, about an hour on 2 cores.

@@ -1,5 +1,7 @@
-"""The command line (main.py, cli.py): mistakes answered in one message with exit status 2, quiet logs, and
-eval from a workdir's own config. Each subprocess costs a JAX start-up (~10 s on a CPU): they are few."""
+"""The command line (main.py, cli.py): mistakes answered in one message with exit status 2 (unknown fields, a
+missing config file, missing TFDS data, a workdir without a run), quiet logs, and eval from a workdir's own
+config with overrides on top (also of fields the run predates). Each subprocess costs a JAX start-up (~10 s on a
+CPU): they are few."""
 
 import json
 import logging
@@ -10,7 +12,7 @@ import pytest
 from diffblocks_jax import cli
 from diffblocks_jax.training import checkpointing, reporting
 import helpers
-from helpers import ROOT, run_cli, shipped_config
+from helpers import ROOT, base_config, run_cli, shipped_config
 
 # The tiny digits baseline: 22 steps of 64 in two compiled calls, a checkpoint and a progress line after each.
 TINY = ['--config=configs/testing.py:vit', '--config.data.source=digits', '--config.data.mean=(0.3,)',
@@ -73,6 +75,16 @@ def test_library_info_lines_are_dropped_and_their_warnings_kept():
   assert handler.filter(record(str(ROOT / 'diffblocks_jax' / 'training' / 'train.py'), logging.INFO))
 
 
+def test_a_saved_run_takes_overrides_of_fields_it_predates(tmp_path):
+  c = base_config().to_dict()
+  del c['eval']['top_k']  # As in a config.json written before the field existed.
+  c['eval']['batch_size'] = 7
+  (tmp_path / 'config.json').write_text(json.dumps(c))
+  loaded = cli.get_config(str(tmp_path))
+  assert loaded.eval.top_k == base_config().eval.top_k  # The default.
+  assert loaded.eval.batch_size == 7  # What the run saved wins.
+
+
 # ----------------------------------------------------------------------------------------------- subprocesses
 
 def test_cli_config_mistakes_print_one_line_and_create_nothing(tmp_path):
@@ -107,3 +119,11 @@ def test_cli_eval_of_a_workdir_without_a_run_creates_nothing(tmp_path):
   # With --config, the checkpoint is what is missing.
   assert_one_message(run_cli(*TINY, '--mode=eval', f'--workdir={empty}'), f'No checkpoint in {empty}')
   assert os.listdir(empty) == []
+
+
+def test_cli_missing_tfds_data_says_what_to_do(tmp_path):
+  proc = run_cli('--config=configs/cifar100_dblock.py', f'--workdir={tmp_path / "w"}',
+                 f'--config.data.tfds_data_dir={tmp_path / "empty"}', '--config.data.tfds_download=False')
+  assert proc.returncode != 0
+  assert 'tfds_data_dir' in proc.stderr and 'digits' in proc.stderr
+  assert not os.path.exists(os.path.join(tmp_path, 'w', 'checkpoints'))

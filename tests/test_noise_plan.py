@@ -69,23 +69,6 @@ def test_the_config_option_resolves_p_mean_wherever_the_edm_is_built():
   assert 'P_mean 0.7820' in report[0] and 'P_mean -1.2000' in noise_plan.plan_report(tiny_config(), None)[0]
 
 
-def test_config_validation_names_the_noise_plan_and_validation_fraction():
-  config = tiny_config(diffusion__noise_plan='tuned')
-  config.data.validation_fraction = 1.0
-  with pytest.raises(config_lib.ConfigError) as e:
-    config_lib.validate(config)
-  assert 'config.diffusion.noise_plan' in str(e.value) and 'config.data.validation_fraction' in str(e.value)
-  vit = tiny_config('vit', diffusion__noise_plan='matched')
-  with pytest.raises(config_lib.ConfigError, match=r"noise_plan='matched' is not one of \('release',\) for "
-                     r"model.kind='vit' \('matched' is for a diffused embedding: kinds \('dblock', 'ar_dblock'\)\)"):
-    config_lib.validate(vit)
-  config_lib.validate(tiny_config(diffusion__noise_plan='matched'))
-  folder = tiny_config()
-  folder.data.update(source='folder', validation_fraction=0.1)
-  with pytest.raises(config_lib.ConfigError, match='validation_fraction=0.1 needs config.data.source'):
-    config_lib.validate(folder)
-
-
 def test_the_figure_is_written(tmp_path):
   pytest.importorskip('matplotlib')
   path = noise_plan.write_figure(tiny_config(), str(tmp_path / 'plan.png'), candidates=('release', 'matched'))

@@ -8,7 +8,6 @@ import sys
 import numpy as np
 import pytest
 
-from diffblocks_jax import config as config_lib
 from diffblocks_jax.data import text
 from diffblocks_jax.data.dataset import DataError
 from helpers import HANG_GUARD_S, ROOT, tiny_config
@@ -102,8 +101,6 @@ def test_validation_split_is_the_train_texts_tail_and_never_windows_the_test_tex
   assert data.vocab == ('a', 'b', 'c', 'd', '§') and data.name == 'corpus (validation)'
   assert ''.join(data.decode(row) for row in data.test_tokens) == val
   assert ''.join(data.decode(row) for row in data.train_tokens) == head
-  config = tiny_config('ar', data='text', data__validation_fraction=0.1)
-  config_lib.validate(config)  # Text sources take a validation split.
 
 
 # ------------------------------------------------------------------------------------------------------ file
@@ -146,7 +143,7 @@ def test_too_short_for_a_window_names_split_length_and_fix(tmp_path):
     ('vocab', 'word', r"config.data.vocab='word' is not one of"),
     ('source', 'tfds', r"config.data.source='tfds' is not a text source"),
 ])
-def test_config_errors_name_the_field(field, value, says):
+def test_loader_errors_name_the_field(field, value, says):
   with pytest.raises(DataError, match=says):
     text.load_text(_data_config(**{field: value}))
 
