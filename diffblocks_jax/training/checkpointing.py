@@ -31,7 +31,7 @@ from etils import epath
 from flax import serialization
 
 from diffblocks_jax import config as config_lib
-from diffblocks_jax.training import paths, reporting
+from diffblocks_jax.training import fingerprints, paths, reporting
 
 PyTree = Any
 _STATE, _MANIFEST, _META = 'state', 'manifest', 'meta'
@@ -46,77 +46,9 @@ class _Unreadable(Exception):
   """This step's files are damaged: the caller may fall back to an older step."""
 
 
-def _words(x: jax.Array) -> jax.Array:
-  """The array's bits as uint32 words (one per element; two for 8-byte types)."""
-  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-    x = jax.random.key_data(x)
-  if x.dtype == jnp.bool_:
-    return x.astype(jnp.uint32)
-  if x.dtype.itemsize == 8:
-    return jax.lax.bitcast_convert_type(x, jnp.uint32)  # Adds a trailing axis of 2.
-  return jax.lax.bitcast_convert_type(x, jnp.dtype(f'uint{8 * x.dtype.itemsize}')).astype(jnp.uint32)
-
-
-def _fingerprint(x: jax.Array) -> jax.Array:
-  """Two position-weighted sums mod 2**32 of the words. The weights are odd, so changing any one word
-  changes both sums. Integer sums are exact in any order: the same on every sharding and device count.
-  The flat index comes from iotas, not a reshape, so sharded inputs are reduced in place."""
-  w = _words(jnp.asarray(x))
-  idx, stride = jnp.zeros(w.shape, jnp.uint32), 1
-  for axis in reversed(range(w.ndim)):
-    idx = idx + jax.lax.broadcasted_iota(jnp.uint32, w.shape, axis) * jnp.uint32(stride % 2**32)
-    stride *= w.shape[axis]
-  a = jnp.sum(w * (2 * idx + 1), dtype=jnp.uint32)
-  b = jnp.sum(w * (idx * jnp.uint32(0x9E3779B9) | 1), dtype=jnp.uint32)
-  return jnp.stack([a, b])
-
-
-@jax.jit
-def _fingerprints_on_device(leaves: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  """Every leaf's fingerprint in one program. Block-sharded leaves need collectives, and many small programs
-  with collectives in flight at once can starve XLA's CPU thread pool into a deadlock; one program cannot."""
-  return {k: _fingerprint(v) for k, v in leaves.items()}
-
-
-_fingerprint_on_device = jax.jit(_fingerprint)
-
-
-def _in_host_memory(x) -> bool:
-  return getattr(getattr(x, 'sharding', None), 'memory_kind', None) not in (None, 'device')
-
-
-def _fingerprints(leaves: dict[str, Any]) -> dict[str, jax.Array]:
-  """Fingerprints of device leaves in one program; leaves held in host memory (offloaded blocks) one at a time,
-  each copied to the device for its own program, so the device never holds more than one of them."""
-  on_host = {k for k, v in leaves.items() if _in_host_memory(v)}
-  out = _fingerprints_on_device({k: v for k, v in leaves.items() if k not in on_host})
-  for k in sorted(on_host):
-    out[k] = _fingerprint_on_device(jax.device_put(leaves[k], leaves[k].sharding.with_memory_kind('device')))
-  return out
-
-
-def _fetch(x: jax.Array) -> list[int]:
-  # Multi-process: the (replicated) result is not fully addressable, but every process holds a copy.
-  x = x if x.is_fully_addressable else x.addressable_data(0)
-  return [int(v) for v in np.asarray(x)]
-
-
-def _leaves(tree: PyTree) -> dict[str, Any]:
-  """'params/blocks/0/w' -> leaf, for a state dict (string keys only)."""
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {'/'.join(str(k.key) for k in path): leaf for path, leaf in flat}
-
-
-def _manifest(tree: PyTree) -> dict[str, Any]:
-  leaves = _leaves(tree)
-  prints = _fingerprints(leaves)
-  return {'leaves': {k: {'shape': list(np.shape(v)), 'dtype': str(v.dtype), 'fingerprint': _fetch(prints[k])}
-                     for k, v in leaves.items()}}
-
-
 def _check_fits(manifest: dict[str, Any], target: PyTree, where: str) -> None:
   """A structural mismatch is a config error, not damage: say so instead of trying older steps."""
-  saved, wanted = manifest['leaves'], _leaves(target)
+  saved, wanted = manifest['leaves'], fingerprints.leaves_by_path(target)
   problems = [f'missing from the checkpoint: {k}' for k in wanted if k not in saved]
   problems += [f'not in this model: {k}' for k in saved if k not in wanted]
   problems += [f'{k}: checkpoint shape {tuple(saved[k]["shape"])}, expected {tuple(wanted[k].shape)}'
@@ -128,10 +60,11 @@ def _check_fits(manifest: dict[str, Any], target: PyTree, where: str) -> None:
 
 
 def _verify(manifest: dict[str, Any], restored: PyTree) -> None:
-  leaves = _leaves(restored)
+  leaves = fingerprints.leaves_by_path(restored)
   # A leaf restored into another dtype (a deliberate cast) has other bits: only same-dtype leaves compare.
-  prints = _fingerprints({k: v for k, v in leaves.items() if str(v.dtype) == manifest['leaves'][k]['dtype']})
-  bad = [k for k, p in prints.items() if _fetch(p) != manifest['leaves'][k]['fingerprint']]
+  prints = fingerprints.fingerprints({k: v for k, v in leaves.items()
+                                     if str(v.dtype) == manifest['leaves'][k]['dtype']})
+  bad = [k for k, p in prints.items() if fingerprints.fetch(p) != manifest['leaves'][k]['fingerprint']]
   if bad:
     raise _Unreadable(f'fingerprint mismatch (damaged data) in {", ".join(bad)}')
 
@@ -209,7 +142,7 @@ class Checkpointer:
     # Python and NumPy leaves as jax arrays: one dtype story for the manifest and the fingerprints.
     tree = jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x),
                         serialization.to_state_dict(state))
-    items = {_STATE: ocp.args.StandardSave(tree), _MANIFEST: ocp.args.JsonSave(_manifest(tree))}
+    items = {_STATE: ocp.args.StandardSave(tree), _MANIFEST: ocp.args.JsonSave(fingerprints.manifest(tree))}
     if metadata is not None:
       items[_META] = ocp.args.JsonSave(metadata)
     if config is not None:
