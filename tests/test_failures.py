@@ -311,6 +311,11 @@ def test_a_damaged_config_json_is_one_line_naming_the_file_and_the_copy_that_res
   assert json.loads(saved.read_text()) == json.loads(good)
   evaluated = run_cli(f'--workdir={workdir}', '--mode=eval')
   assert evaluated.returncode == 0 and evaluated.stdout.startswith('Checkpoint step 22'), evaluated.stderr[-3000:]
+  # Training without --config reads the restored config.json too: the run is finished, and that is all it says.
+  rerun = run_cli(f'--workdir={workdir}')
+  lines = [line for line in rerun.stderr.splitlines() if line.strip()]
+  assert rerun.returncode == 0 and len(lines) == 1 and 'Already finished at step 22 of 22: eval/accuracy' in lines[0], (
+      rerun.stderr[-3000:])
 
 
 def test_a_damaged_config_json_when_resuming_with_a_config_file(finished, tmp_path):
