@@ -276,8 +276,11 @@ def test_masking_partition_boundaries_overlap_and_routing():
     t, got = plan.sample(jax.random.key(block), 512, block=block)
     lo, hi = plan.widened_ranges()[3 - block]
     assert int(got) == block and float(t.min()) >= lo and float(t.max()) <= hi
-  _, drawn = plan.sample(jax.random.key(7), 4)
-  assert 0 <= int(drawn) < 4
+  # Without a block: one drawn uniformly, and t drawn as for that block given.
+  t, drawn = plan.sample(jax.random.key(7), 4)
+  chex.assert_trees_all_equal(t, plan.sample(jax.random.key(7), 4, block=int(drawn))[0])
+  drawn = jax.vmap(lambda key: plan.sample(key, 4)[1])(jax.random.split(jax.random.key(8), 400))
+  assert np.all(np.abs(np.bincount(np.asarray(drawn), minlength=4) - 100) < 40)  # Binomial(400, 1/4): sd 8.7.
   np.testing.assert_allclose(plan.inference_levels(5), [1.0, 0.75, 0.5, 0.25, 0.0])
 
 

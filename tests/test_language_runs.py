@@ -4,6 +4,7 @@ and tests/test_language.py (the scorer run)."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -63,6 +64,19 @@ def test_masked_configs_train_and_evaluate(tmp_path):
   assert evaluated['step'] == 33 and 0 < evaluated['eval/bpc'] < uniform
 
 
+def rescored(workdir: str, scorer_workdir: str) -> tuple[float, float]:
+  """The reference for a finished run's eval/gen_ppl and eval/sample_entropy: its evaluation samples drawn again
+  from its checkpoint (the evaluator's own key), their entropy, and exp(their mean next-character NLL) under the
+  checkpoint of the 'ar' run in `scorer_workdir`, restored here rather than through the run's evaluator."""
+  from diffblocks_jax.tasks import autoregressive, language  # pylint: disable=g-import-not-at-top
+  from diffblocks_jax.training import experiment  # pylint: disable=g-import-not-at-top
+  exp, state = experiment.load_trained(config_lib.load_workdir(workdir), workdir)
+  samples = autoregressive.make_evaluator(exp, workdir).samples(state.params)
+  judge, judge_state = experiment.load_trained(config_lib.load_workdir(scorer_workdir), scorer_workdir)
+  nll = language.Scorer(judge.graphdef, autoregressive.token_nll, judge_state.params).mean_nll(samples, 64)
+  return math.exp(nll), language.sample_entropy(samples)
+
+
 @pytest.mark.slow
 def test_autoregressive_configs_train_score_and_sample(tmp_path):
   """'ar' first (the scorer), then 'ar_dblock' scored by it; --mode=sample through the CLI prints samples."""
@@ -71,15 +85,24 @@ def test_autoregressive_configs_train_score_and_sample(tmp_path):
   scorer = str(tmp_path / 'ar')
   baseline = train.train_and_evaluate(shrunk('text_ar.py', corpus), scorer)
   assert baseline['step'] == 11 and 0 < baseline['eval/bpc'] < uniform
-  assert baseline['eval/gen_ppl'] > 1 and baseline['eval/sample_entropy'] > 0
+  # The baseline scores its own samples.
+  figures = lambda r: (r['eval/gen_ppl'], r['eval/sample_entropy'])
+  assert figures(baseline) == pytest.approx(rescored(scorer, scorer), rel=1e-5), baseline
+  assert baseline['eval/sample_entropy'] > 0  # Not collapsed onto one character.
   workdir = str(tmp_path / 'ar_dblock')
   result = train.train_and_evaluate(shrunk('text_ar_dblock.py', corpus, eval__scorer_workdir=scorer), workdir)
-  assert result['step'] == 44
-  assert result['eval/gen_ppl'] > 1 and result['eval/sample_entropy'] > 0
-  assert all(result[f'eval/ce_block{b}'] >= 0 for b in range(4)) and 'eval/bpc' not in result
+  assert result['step'] == 44 and 'eval/bpc' not in result
+  assert figures(result) == pytest.approx(rescored(workdir, scorer), rel=1e-5), result
+  assert result['eval/sample_entropy'] > 0
+  # Each block's held-out denoising cross-entropy is below the untrained model's: its head starts at zero, so
+  # every block starts at the uniform guess, ln V nats.
+  vocab = round(2**uniform)
+  assert all(result[f'eval/ce_block{b}'] < math.log(vocab) for b in range(4)), (result, vocab)
+  tuned_workdir = str(tmp_path / 'ar_dblock_tuned')
   tuned = train.train_and_evaluate(shrunk('text_ar_dblock.py:recipe=tuned', corpus, eval__scorer_workdir=scorer),
-                                   str(tmp_path / 'ar_dblock_tuned'))  # 'matched' plan, ancestral sampler.
-  assert tuned['step'] == 44 and tuned['eval/gen_ppl'] > 1 and tuned['eval/sample_entropy'] > 0
+                                   tuned_workdir)  # 'matched' plan, ancestral sampler.
+  assert tuned['step'] == 44 and figures(tuned) == pytest.approx(rescored(tuned_workdir, scorer), rel=1e-5), tuned
+  assert tuned['eval/sample_entropy'] > 0
   out = run_cli(f'--workdir={workdir}', '--mode=sample', '--num_samples=3')
   assert out.returncode == 0, out.stderr[-3000:]
   assert out.stdout.count('-' * 40) == 3
