@@ -157,12 +157,25 @@ def test_fields_that_must_agree_are_refused_by_name():
   config = shipped_config('cifar100_dblock.py', model__patch_size=5)
   with pytest.raises(config_lib.ConfigError, match='config.model.patch_size=5'):
     config_lib.validate_data(config, types.SimpleNamespace(image_size=32, channels=3))
+  config = shipped_config('testing.py:vit', train__batch_size=12)
+  with pytest.raises(config_lib.ConfigError, match=r'config\.train\.batch_size=12'):
+    config_lib.validate(config, num_devices=8)
+  config_lib.validate(config, num_devices=4)  # 12 splits over 4.
   config = shipped_config('cifar100_dblock.py', train__batch_size=6)
   with pytest.raises(config_lib.ConfigError, match='config.train.batch_size=6'):
     config_lib.validate(config, num_devices=4)
   config.model.kind = 'resnet'
   with pytest.raises(config_lib.ConfigError, match="config.model.kind='resnet'"):
     config_lib.validate(config, num_devices=1)
+
+
+def test_bad_resized_crop_settings_are_named():
+  config = base_config()
+  config.data.random_resized_crop = True  # pad_crop stays 4.
+  config.data.resized_crop_scale = (0.5, 1.5)
+  with pytest.raises(config_lib.ConfigError) as info:
+    config_lib.validate(config)
+  assert 'config.data.pad_crop=4' in str(info.value) and 'config.data.resized_crop_scale' in str(info.value)
 
 
 def test_generation_settings_are_refused_by_name():

@@ -100,12 +100,3 @@ def test_random_resized_crop_in_the_training_augmentation():
   expected = np.asarray(crops.resized_crop(images, boxes), np.float32) / 255
   np.testing.assert_allclose(np.asarray(out), expected, atol=1e-6)
   assert len({tuple(b) for b in np.asarray(boxes)}) == 9  # Each image its own box.
-
-
-def test_bad_resized_crop_settings_are_named():
-  config = config_lib.get_base_config()
-  config.data.random_resized_crop = True  # pad_crop stays 4.
-  config.data.resized_crop_scale = (0.5, 1.5)
-  with pytest.raises(config_lib.ConfigError) as info:
-    config_lib.validate(config)
-  assert 'config.data.pad_crop=4' in str(info.value) and 'config.data.resized_crop_scale' in str(info.value)

@@ -107,15 +107,6 @@ def test_eight_devices_match_one(tmp_path, kind):
     np.testing.assert_allclose(r[f'8/{name}'], r[f'1/{name}'], rtol=1e-4, atol=1e-5, err_msg=name)
 
 
-def test_batch_not_divisible_by_devices_is_named():
-  from diffblocks_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  config = testing_config()
-  config.train.batch_size = 12
-  with pytest.raises(config_lib.ConfigError, match=r'config\.train\.batch_size=12'):
-    config_lib.validate(config, num_devices=8)
-  config_lib.validate(config, num_devices=4)  # 12 splits over 4.
-
-
 def test_global_rows_skip_padding():
   from diffblocks_jax.training import sharding  # pylint: disable=g-import-not-at-top
   # Two processes with 5 examples each, padded to 6 rows: example 5 is process 1's first row (row 6).
