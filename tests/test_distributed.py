@@ -80,7 +80,7 @@ def train_and_save(data: str, workdir: str, out: str, port: int = 0, num_process
     config.distributed.num_processes = num_processes
     config.distributed.process_id = process_id
   from diffblocks_jax.tasks import classification  # pylint: disable=g-import-not-at-top
-  from diffblocks_jax.training import distributed, evaluation, experiment, train  # pylint: disable=g-import-not-at-top
+  from diffblocks_jax.training import distributed, experiment, train  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   distributed.maybe_initialize(config)
   assert jax.process_count() == num_processes and jax.device_count() == 4, (jax.process_count(), jax.devices())

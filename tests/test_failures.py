@@ -16,22 +16,18 @@ import pathlib
 import shutil
 import signal
 import subprocess
-import sys
 
 import chex
-import numpy as np
 import pytest
 
 from diffblocks_jax import config as config_lib
 from diffblocks_jax.training import checkpointing, evaluation, experiment, paths, reporting, train
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-HANG_GUARD_S = 1800  # A guard against a hung subprocess, not a speed limit.
+from helpers import HANG_GUARD_S, ROOT, cached_env, cli_command, run_cli, shipped_config
 
 
 def tiny_config(**train):
   """digits, a one-layer ViT: 11 steps an epoch, a checkpoint and an evaluation at each."""
-  config = config_lib.load_file(str(ROOT / 'configs' / 'digits_vit.py'))
+  config = shipped_config('digits_vit.py')
   config.model.update(num_layers=1, hidden_size=32, mlp_dim=64)
   config.train.update(batch_size=128, num_epochs=2, steps_per_call=11, log_every_steps=11,
                       checkpoint_every_steps=11, eval_every_epochs=1.0)
@@ -56,11 +52,6 @@ def copy_run(finished, tmp_path) -> pathlib.Path:
 
 def train_steps(workdir) -> list[int]:
   return [r['step'] for r in reporting.read_metrics(str(workdir)) if 'train/loss' in r]
-
-
-def run_cli(*args, env=None) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, '-m', 'diffblocks_jax.main', *args], cwd=ROOT, capture_output=True,
-                        text=True, timeout=HANG_GUARD_S, env=env)
 
 
 def one_line_error(result: subprocess.CompletedProcess) -> str:
@@ -126,8 +117,8 @@ def digits_args(workdir) -> list[str]:
 
 def interrupt(workdir, point: str, env, times: int = 1) -> subprocess.CompletedProcess:
   """Runs `digits_args`, sends Ctrl-C (SIGINT) `times` times as `point` is printed, returns its output."""
-  proc = subprocess.Popen([sys.executable, '-m', 'diffblocks_jax.main', *digits_args(workdir)], cwd=ROOT,
-                          stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+  proc = subprocess.Popen(cli_command(*digits_args(workdir)), cwd=ROOT, stderr=subprocess.PIPE,
+                          stdout=subprocess.DEVNULL, text=True, env=env)
   log, sent = [], 0
   for line in proc.stderr:
     log.append(line)
@@ -155,8 +146,7 @@ def last_line(stderr: str) -> str:
 
 @pytest.mark.slow
 def test_ctrl_c_saves_the_step_and_resumes_bit_for_bit_a_second_stops_at_once(tmp_path):
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'xla_cache'),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')  # The runs compile once, and still match bit for bit.
+  env = cached_env(tmp_path / 'xla_cache')  # The runs compile once, and still match bit for bit.
   clean = run_cli(*digits_args(tmp_path / 'clean'), env=env)
   assert clean.returncode == 0, clean.stderr[-3000:]
   want = final_state(tmp_path / 'clean')

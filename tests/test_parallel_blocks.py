@@ -35,7 +35,7 @@ def parallel_config(data_path: str = ''):
 def parallel_worker(workdir: str, out: str) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   from diffblocks_jax.tasks import classification  # pylint: disable=g-import-not-at-top
-  from diffblocks_jax.training import checkpointing, evaluation, experiment, sharding, train# pylint: disable=g-import-not-at-top
+  from diffblocks_jax.training import checkpointing, experiment, sharding, train  # pylint: disable=g-import-not-at-top
   assert jax.device_count() == 3, jax.devices()
   rng = np.random.default_rng(0)
   data = os.path.join(workdir, 'data.npz')
