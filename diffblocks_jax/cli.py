@@ -47,6 +47,11 @@ def fail(message: str) -> NoReturn:
     message += f' (the libraries\' tracebacks: {reporting.DETAILS_PATH})'
   sys.stderr.write(f'error: {message}\n')
   sys.stderr.flush()
+  # The error stays the last line: what fails while the interpreter exits (TensorBoard's writer flushing to the
+  # same full disk in its atexit hook) goes to the details file.
+  sys.unraisablehook = lambda u: reporting.write_details(
+      f'{u.err_msg or "Exception ignored in"}: {u.object!r}\n'
+      + ''.join(traceback.format_exception(u.exc_type, u.exc_value, u.exc_traceback)))
   sys.exit(EXIT_USAGE)
 
 

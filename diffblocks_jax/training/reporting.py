@@ -141,7 +141,10 @@ class MetricWriter:
 
   def close(self) -> None:
     if self._tb is not None:
-      self._tb.close()
+      try:
+        self._tb.close()
+      except OSError:  # A full disk: the run's own error says so.
+        pass
 
 
 def summarise(metrics: dict[str, np.ndarray], num_blocks: int) -> dict[str, float]:
