@@ -1,5 +1,5 @@
 """Tasks: what is diffused and how it is scored. A task is one module here; `registry.py` maps each model kind to
-its task. Every task module offers the same names, and the loop and `--mode=eval|sample` call nothing else:
+its task (`registry.task_module(kind)` imports it). Every task module offers the same names, and the loop and `--mode=eval|sample` call nothing else:
 
   UNIT                                    what a progress line counts per second ('img', 'seq')
   make_task(config, data) -> task         the object the core's steps and sampler ask (target, loss, ...)
@@ -14,10 +14,3 @@ its task. Every task module offers the same names, and the loop and `--mode=eval
 run's random streams (`exp.key`), placement helpers and the loader of judging runs (`exp.load_judge`).
 docs/architecture.md ("Adding a task") walks through a new one.
 """
-
-from diffblocks_jax.tasks import registry
-
-
-def module(config):
-  """The task module of a config's model.kind."""
-  return registry.task_module(config.model.kind)
