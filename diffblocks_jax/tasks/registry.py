@@ -65,6 +65,10 @@ KINDS = {
     'vit': Kind('classification', 'vit:ViT', 'image', blockwise=False),
     'dblock': Kind('classification', 'dblock:DiffusionBlocksViT', 'image', blockwise=True,
                    noise_plans=('release', 'matched'), model_rules=(_time_embedding_width,)),
+    # The same task on a convolutional stack (paper Table 6: NoProp's CNN), FiLM-conditioned on (z_t, σ).
+    'cnn': Kind('classification', 'cnn:CNN', 'image', blockwise=False),
+    'cnn_dblock': Kind('classification', 'cnn:DiffusionBlocksCNN', 'image', blockwise=True,
+                       noise_plans=('release', 'matched')),
     # Class-conditional image generation: the image is diffused (EDM).
     'dit': Kind('generation', 'dit:DiT', 'image', blockwise=False, model_rules=(_sincos_positions,)),
     'dit_dblock': Kind('generation', 'dit:DiffusionBlocksDiT', 'image', blockwise=True,
