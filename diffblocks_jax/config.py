@@ -64,6 +64,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.layers_per_block = ()  # Explicit uneven partition, e.g. (5, 4, 3); () = num_layers / num_blocks each.
   m.label_token = 'replace'  # 'replace' the CLS token with c_in*z_t (release) or 'concat' it (paper).
   m.independent_blocks = False  # Each block owns a copy of the shared parts (needed for parallel_blocks).
+  m.weight_tied = False  # Block-wise kinds: ONE block's parameters (and Adam state, updated every step) serve all
+  # B noise slices; B still cuts the noise levels (training draws a slice, the default sampler has B steps) and
+  # eval.num_inference_steps may be any N >= 1 (the block runs N times). Needs equal depths, shared outer parts.
   m.compute_dtype = 'float32'  # 'float32' (parity) or 'bfloat16'; parameters and optimizer stay fp32.
   m.mlp_ratio = 4.0  # DiT and language models: MLP width = mlp_ratio * hidden_size (mlp_dim is the ViT's).
 
@@ -313,6 +316,19 @@ def validate(config, *, num_devices: int | None = None) -> None:
       errors.append(f'config.data.resized_crop_ratio={tuple(d.resized_crop_ratio)} must satisfy 0 < lo <= hi')
   uneven = len(set(m.layers_per_block)) > 1  # Equal depths are stacked on a block axis (core/blocks.py).
   blockwise = kind is not None and kind.blockwise
+  if m.weight_tied:  # One block serves every slice (core/blocks.py, row_of).
+    if kind is not None and not blockwise:
+      errors.append(f'config.model.weight_tied=True needs a block-wise config.model.kind '
+                    f'{registry.kinds_where(lambda k: k.blockwise)}, got {m.kind!r}')
+    if uneven:
+      errors.append(f'config.model.weight_tied=True needs blocks of equal depth: config.model.layers_per_block='
+                    f'{tuple(m.layers_per_block)} is uneven (set it to () for num_layers / num_blocks each)')
+    if m.independent_blocks:
+      errors.append('config.model.weight_tied=True shares one block, so there are no blocks to make independent: '
+                    'set config.model.independent_blocks=False')
+    if config.parallel_blocks:
+      errors.append('config.model.weight_tied=True has one block to train, not B at once: set '
+                    'config.parallel_blocks=False')
   if config.parallel_blocks and (not blockwise or not m.independent_blocks or uneven):
     errors.append(f'config.parallel_blocks=True needs a block-wise config.model.kind '
                   f'{registry.kinds_where(lambda k: k.blockwise)}, config.model.independent_blocks=True and blocks '

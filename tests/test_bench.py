@@ -31,8 +31,8 @@ RECORD_FIELDS = {
     'runtime_peak_bytes', 'runtime_peak_isolated', 'device_kind', 'backend', 'jax_version',
     'offload_idle_blocks', 'state_device_bytes', 'state_host_bytes',
 }
-TINY_ROWS = ['baseline', 'dblock_mix', 'dblock_offload', 'dblock_block0', 'dblock_block1', 'eval_baseline',
-             'eval_dblock', 'compile_B2']  # The tiny setting has 2 layers: B = 3 and 6 do not divide them.
+TINY_ROWS = ['baseline', 'dblock_mix', 'dblock_offload', 'weight_tied', 'dblock_block0', 'dblock_block1',
+             'eval_baseline', 'eval_dblock', 'compile_B2']  # The tiny setting has 2 layers: B = 3 and 6 do not divide them.
 
 
 def check_records(records: list[dict]) -> None:
@@ -50,10 +50,13 @@ def check_records(records: list[dict]) -> None:
     if r['backend'] == 'cpu':
       assert r['runtime_peak_bytes'] is None
   train_rows = [r for r in records if r['phase'] == 'train' and not r['variant'].startswith('compile')]
-  assert [r['block'] for r in train_rows] == [None, 'mix', 'mix', 0, 1]
+  assert [r['block'] for r in train_rows] == [None, 'mix', 'mix', 'mix', 0, 1]
   assert all(r['alias_bytes'] > 0 for r in train_rows)  # The state is donated.
   rows = {r['variant']: r for r in records}
   mix, offload = rows['dblock_mix'], rows['dblock_offload']
+  # Weight-tied: one block's parameters and Adam state for both slices (B = 2), so half the block stacks.
+  tied = rows['weight_tied']
+  assert tied['num_params'] < mix['num_params'] and tied['state_device_bytes'] < mix['state_device_bytes']
   # Offloaded: the block stacks (parameters and Adam moments) move to host memory; the rest stays.
   assert mix['state_host_bytes'] == 0 and offload['state_host_bytes'] > 0
   assert offload['state_device_bytes'] + offload['state_host_bytes'] == mix['state_device_bytes']

@@ -224,3 +224,21 @@ def test_noise_plan_and_validation_fraction_are_refused_by_name():
   with pytest.raises(config_lib.ConfigError, match='validation_fraction=0.1 needs config.data.source'):
     config_lib.validate(folder)
   config_lib.validate(tiny_config('ar', data='text', data__validation_fraction=0.1))  # Text takes a validation split.
+
+
+@pytest.mark.parametrize('overrides, says', [
+    (dict(model__kind='vit'), "config.model.weight_tied=True needs a block-wise config.model.kind"),
+    (dict(model__num_layers=6, model__layers_per_block=(3, 2, 1)),
+     'config.model.weight_tied=True needs blocks of equal depth: config.model.layers_per_block=(3, 2, 1)'),
+    (dict(model__independent_blocks=True), 'set config.model.independent_blocks=False'),
+    (dict(model__independent_blocks=True, parallel_blocks=True), 'set config.parallel_blocks=False'),
+    (dict(eval__num_inference_steps=-1), 'config.eval.num_inference_steps=-1 must be >= 0 (0 = B)'),
+])
+def test_weight_tied_refusals_name_the_field_and_the_rule(overrides, says):
+  """Each in one line of its own, before anything loads; any N >= 1 sampler steps (0 = B) is accepted."""
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(tiny_config(model__weight_tied=True, **overrides))
+  lines = [line.strip() for line in str(e.value).splitlines()[1:]]
+  assert any(line.startswith('config.') and says in line for line in lines), lines
+  for n in (1, 2, 7):
+    config_lib.validate(tiny_config(model__weight_tied=True, eval__num_inference_steps=n))

@@ -13,6 +13,10 @@ is a row of it. A traced block index selects a row with a dynamic slice, so a tr
 needs no `lax.switch`, holds one block body whatever B is, and never copies the idle rows. Uneven depths
 keep a list of blocks, and the step switches over them.
 
+Weight-tied (`weight_tied=True`, `model.weight_tied`): one block's parameters serve all B noise slices, a stack
+of ONE row. B still cuts the noise levels (the partition, the default sampler); which row serves slice b is
+`row_of(b, rows)`, the one place that decides it, asked by the step (core/steps.py) and by `block`.
+
 Pure parameter tree (`nnx.split` → `nnx.to_pure_dict`):
   stacked, shared outer   {'shared': {...}, 'blocks': {'layers': {j: {... (B, ...)}}}}
   stacked, independent    {'blocks': {'layers': {...}, 'shared': {...}}}       (every leaf (B, ...))
@@ -56,12 +60,16 @@ class DiffusionBlocks(nnx.Module):
 
   def __init__(self, make_layer: Callable[[nnx.Rngs], nnx.Module], layer_counts: Sequence[int], *,
                make_outer: Callable[[nnx.Rngs], nnx.Module], independent: bool = False, rngs: nnx.Rngs,
-               stack: bool | None = None):
+               stack: bool | None = None, weight_tied: bool = False):
     counts = [int(n) for n in layer_counts]
     if not counts or min(counts) < 1:
       raise ValueError(f'layer_counts={tuple(counts)} must be one or more positive layer counts')
-    self.layer_counts = counts
     equal = len(set(counts)) == 1
+    if weight_tied and (not equal or independent):
+      raise ValueError(f'weight_tied=True needs blocks of equal depth (got layer_counts={tuple(counts)}) and shared '
+                       f'outer parts (got independent={independent})')
+    self.layer_counts = counts
+    self.weight_tied = bool(weight_tied)
     if stack and not equal:
       raise ValueError(f'layer_counts={tuple(counts)}: only blocks of equal depth can be stacked')
     self.stacked = equal if stack is None else stack  # stack=False: a list even for equal depths (tests).
@@ -74,15 +82,23 @@ class DiffusionBlocks(nnx.Module):
     else:
       self.shared = make_outer(rngs)
       copies = [None] * len(counts)
-    blocks = [Block([make_layer(rngs) for _ in range(n)], shared=s) for n, s in zip(counts, copies)]
+    rows = counts[:1] if weight_tied else counts  # Weight-tied: one row of block parameters for all B slices.
+    blocks = [Block([make_layer(rngs) for _ in range(n)], shared=s) for n, s in zip(rows, copies)]
     self.blocks = stack_modules(blocks) if self.stacked else nnx.List(blocks)
 
   @property
   def num_blocks(self) -> int:
+    """B: the noise slices (and the default number of sampler steps)."""
     return len(self.layer_counts)
 
+  @property
+  def num_rows(self) -> int:
+    """Rows of block parameters: B, or 1 when weight-tied."""
+    return 1 if self.weight_tied else self.num_blocks
+
   def block(self, b) -> Block:
-    """Block b: a Python int, or (stacked blocks) a traced int32 scalar."""
+    """The block serving slice b (a Python int, or for stacked blocks a traced int32 scalar): row `row_of(b)`."""
+    b = row_of(b, self.num_rows)
     if not self.stacked:
       return self.blocks[b]
     graphdef, state = nnx.split(self.blocks)
@@ -102,6 +118,13 @@ class DiffusionBlocks(nnx.Module):
 # A training step on block b differentiates the shared parts and row b only. For stacked blocks the row
 # keeps a leading axis of 1: merged with the model's graphdef it is a one-block model whose block 0 is b,
 # so the step never builds gradients (or zeros) of the whole stack.
+
+def row_of(b, num_rows: int):
+  """The row of block parameters (and Adam state) that serves noise slice b: row b, or row 0 for every slice
+  when there is one row (weight-tied, `model.weight_tied`; an untied B = 1 has only slice 0). The one place that
+  decides it: the step asks with the params tree's rows, the model with its own."""
+  return 0 if num_rows == 1 else b
+
 
 def is_stacked(blocks_tree: PyTree) -> bool:
   """A list of blocks is a dict with int keys; stacked blocks are named children or an AdamState of stacks."""

@@ -77,10 +77,12 @@ def make_end_to_end_step(graphdef, task, optim_config, schedule):
 def block_update(graphdef, task, partition, optim_config, schedule, placement=blocks.ON_DEVICE):
   """update(state, b, inputs, targets, levels, noise_key, dropout_key) -> (state, metrics) for block b.
 
-  b is a Python int, or a traced int32 for stacked blocks. The step counter is not advanced here.
+  b is the slice the levels were drawn from: a Python int, or a traced int32 for stacked blocks. The row it
+  trains is `blocks.row_of(b, rows)` (row 0 whatever b when weight-tied). The step counter is not advanced here.
   """
 
-  def update(state: TrainState, b, inputs, targets, levels, noise_key, dropout_key):
+  def update(state: TrainState, slice_b, inputs, targets, levels, noise_key, dropout_key):
+    b = blocks.row_of(slice_b, blocks.num_blocks_of(state.params))  # The parameter row serving this slice.
     part = blocks.take(state.params, b, placement)
 
     def loss_fn(part):

@@ -43,7 +43,13 @@ def build(model_config, *, seed: int = 0, sigma_data: float = 0.5, **data_dims: 
   if 'layer_counts' in takes:
     kwargs['layer_counts'] = partition_layers(model_config.num_layers, model_config.num_blocks,
                                               model_config.layers_per_block)
-  return cls(model_config, **kwargs)
+  model = cls(model_config, **kwargs)
+  # A block-wise network passes model.weight_tied on to core.blocks.DiffusionBlocks, as it does independent_blocks;
+  # one that does not would train B untied blocks under a weight-tied config.
+  if model_config.get('weight_tied') and not getattr(model, 'weight_tied', False):
+    raise ValueError(f'model.kind={model_config.kind!r}: {cls.__name__} does not pass model.weight_tied to '
+                     'DiffusionBlocks (weight_tied=cfg.weight_tied)')
+  return model
 
 
 def split(model: nnx.Module):

@@ -159,7 +159,7 @@ class DiffusionBlocksCNN(blocks.DiffusionBlocks):
         lambda r: ConvLayer(cfg, dtype, r, cond_dim=c), layer_counts,
         make_outer=lambda r: CNNParts(cfg, channels=channels, num_classes=num_classes, sigma_data=sigma_data,
                                       dtype=dtype, rngs=r),
-        independent=cfg.independent_blocks, rngs=rngs, stack=stack)
+        independent=cfg.independent_blocks, rngs=rngs, stack=stack, weight_tied=cfg.weight_tied)
 
   def label_embeddings(self, block=0) -> jax.Array:
     """The raw label table E (num_classes, hidden) that block `block` sees."""

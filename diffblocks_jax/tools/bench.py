@@ -6,7 +6,8 @@
 
 Rows per setting (a config's model.kind is set per row): the baseline's training img/s; DiffusionBlocks'
 training img/s with the block drawn every step (`dblock_mix`, the real step: a traced row of the stacked
-blocks), with the block stacks offloaded to host memory (`dblock_offload`) and with each block forced
+blocks), with the block stacks offloaded to host memory (`dblock_offload`), weight-tied (`weight_tied`: one
+block's parameters and Adam state serve all B slices, config.model.weight_tied) and with each block forced
 (`dblock_block<b>`); evaluation img/s (baseline forward, the N=B-step sampler); and the compile time of the
 DiffusionBlocks training program at the setting's depth cut into B = 2, 3, 6 blocks (`compile_B<n>`,
 compiled, not run). Every row reports the train state's bytes on the device and in host memory.
@@ -134,7 +135,8 @@ def variants(setting: Setting, randaugment: bool = False) -> list[str]:
   num_blocks = config_lib.num_blocks(config)
   stacked = len(set(config.model.layers_per_block)) <= 1
   sweep = [f'compile_B{n}' for n in COMPILE_SWEEP if config.model.num_layers % n == 0]
-  out = ['baseline', 'dblock_mix', *(['dblock_offload'] if stacked else []),
+  tied = stacked and not config.model.independent_blocks and not config.parallel_blocks  # What can be weight-tied.
+  out = ['baseline', 'dblock_mix', *(['dblock_offload'] if stacked else []), *(['weight_tied'] if tied else []),
          *(f'dblock_block{b}' for b in range(num_blocks)), 'eval_baseline', 'eval_dblock', *sweep]
   return out + (['baseline+randaugment', 'dblock_mix+randaugment'] if randaugment else [])
 
@@ -193,7 +195,8 @@ def _time_train(exp: experiment.Experiment, block: int | None, windows: int, num
                 states: dict[str, Any]):
   # Rows of one model kind pass the (donated) state on: one initialisation per kind, not per row. A state in
   # other memory (offloaded blocks) is a kind of its own.
-  kind = exp.config.model.kind + ('_offload' if exp.config.train.offload_idle_blocks else '')
+  kind = (exp.config.model.kind + ('_offload' if exp.config.train.offload_idle_blocks else '')
+          + ('_tied' if exp.config.model.weight_tied else ''))
   state = states.pop(kind) if kind in states else exp.init_state()
   arrays = tuple(jax.device_put(a) for a in exp.data.train_arrays())
   start = time.perf_counter()
@@ -275,6 +278,7 @@ def run_variant(setting: Setting, variant: str, data: input_pipeline.Dataset, *,
   block = int(name.removeprefix('dblock_block')) if name.startswith('dblock_block') else None
   config = variant_config(setting.config, kind=kind, randaugment=randaugment)
   config.train.offload_idle_blocks = name == 'dblock_offload'
+  config.model.weight_tied = name == 'weight_tied'  # One row of block parameters for all B slices.
   if name.startswith('compile_B'):  # Same depth, another number of blocks.
     config.model.num_blocks, config.model.layers_per_block = int(name.removeprefix('compile_B')), ()
   mesh = sharding.make_mesh(config, devices=jax.local_devices()[:1])
@@ -292,7 +296,7 @@ def run_variant(setting: Setting, variant: str, data: input_pipeline.Dataset, *,
   m = config.model
   return dict(
       config=setting.name, note=setting.note, variant=variant, phase='eval' if name.startswith(('eval', 'sample')) else 'train',
-      model_kind=config.model.kind, block='mix' if name in ('dblock_mix', 'dblock_offload') else block,
+      model_kind=config.model.kind, block='mix' if name in ('dblock_mix', 'dblock_offload', 'weight_tied') else block,
       offload_idle_blocks=bool(config.train.offload_idle_blocks), dtype=m.compute_dtype, batch=batch,
       image_size=setting.image_size, channels=setting.channels, num_classes=setting.num_classes,
       hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
@@ -334,10 +338,10 @@ def format_table(records: list[dict[str, Any]]) -> str:
   mib = lambda b: '-' if b is None else f'{b / MIB:.1f}'
   num = lambda x, width, decimals: f'{"-":>{width}}' if x != x else f'{x:>{width}.{decimals}f}'  # NaN: not run.
   width = max([len('setting'), *(len(r['config']) for r in records)])
-  lines = [f'{"setting":<{width}} {"row":<24} {"ms/step":>9} {"img/s":>10} {"temp MiB":>9} {"peak MiB":>9} '
-           f'{"state dev MiB":>13} {"state host MiB":>14} {"compile s":>9}']
+  lines = [f'{"setting":<{width}} {"row":<24} {"params":>12} {"ms/step":>9} {"img/s":>10} {"temp MiB":>9} '
+           f'{"peak MiB":>9} {"state dev MiB":>13} {"state host MiB":>14} {"compile s":>9}']
   for r in records:
-    lines.append(f'{r["config"]:<{width}} {r["variant"]:<24} {num(r["ms_per_step"], 9, 2)} '
+    lines.append(f'{r["config"]:<{width}} {r["variant"]:<24} {r["num_params"]:>12,} {num(r["ms_per_step"], 9, 2)} '
                  f'{num(r["img_per_s"], 10, 1)} {mib(r["temp_bytes"]):>9} {mib(r["runtime_peak_bytes"]):>9} '
                  f'{mib(r["state_device_bytes"]):>13} {mib(r["state_host_bytes"]):>14} {r["compile_s"]:>9.1f}')
   return '\n'.join(lines)

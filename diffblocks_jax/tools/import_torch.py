@@ -212,6 +212,8 @@ def convert(state_dict: dict[str, np.ndarray], config, *, image_size: int | None
   """
   if config.model.kind == 'dblock' and config.model.label_token != 'replace':
     raise CheckpointImportError("the release's label token replaces CLS: set config.model.label_token='replace'")
+  if config.model.get('weight_tied'):
+    raise CheckpointImportError("the release's blocks are untied: set config.model.weight_tied=False")
   sd, original, errors = _normalize(state_dict)
   dims, dim_errors = _infer_dims(sd, config, dict(image_size=image_size, channels=channels,
                                                   num_classes=num_classes))

@@ -84,7 +84,10 @@ def experiment_lines(exp) -> list[str]:
   per_block = ''
   if exp.blockwise and isinstance(params, dict) and 'blocks' in params:
     stacked = sum(math.prod(x.shape) for x in jax.tree.leaves(params['blocks']))
-    per_block = f' ({stacked // exp.num_blocks:,} per block, {total - stacked:,} shared)'
+    if exp.config.model.weight_tied:  # One block's parameters serve all B slices.
+      per_block = f' (one block of {stacked:,} for all {exp.num_blocks} slices, weight-tied; {total - stacked:,} shared)'
+    else:
+      per_block = f' ({stacked // exp.num_blocks:,} per block, {total - stacked:,} shared)'
   devices = jax.devices()
   return [f'Data: {exp.data.summary()}',
           f'Model: {total:,} parameters{per_block}; {len(devices)} {devices[0].platform} device'
