@@ -69,6 +69,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # eval.num_inference_steps may be any N >= 1 (the block runs N times). Needs equal depths, shared outer parts.
   m.compute_dtype = 'float32'  # 'float32' (parity) or 'bfloat16'; parameters and optimizer stay fp32.
   m.mlp_ratio = 4.0  # DiT and language models: MLP width = mlp_ratio * hidden_size (mlp_dim is the ViT's).
+  m.remat = ''  # Rematerialise each layer in the backward pass (jax.checkpoint) with this policy of
+  # jax.checkpoint_policies (REMAT_POLICIES; '' = off): less activation memory, one more forward pass per layer.
 
   # --- diffusion (SPEC §4, §5, §7) ---
   c.diffusion = f = ml_collections.ConfigDict()
@@ -156,6 +158,10 @@ class ConfigError(ValueError):
   """An impossible or unknown setting; the message names the field."""
 
 
+# config.model.remat: off, or a policy of jax.checkpoint_policies that takes no arguments (what a layer's
+# rematerialisation keeps: nothing but its input; every matmul's output; those without batch dimensions).
+REMAT_POLICIES = ('', 'nothing_saveable', 'dots_saveable', 'dots_with_no_batch_dims_saveable')
+
 _CHOICES = {
     'data.source': tuple(registry.SOURCES),
     'data.vocab': ('char', 'byte'),
@@ -165,6 +171,7 @@ _CHOICES = {
     'eval.sigma_grid': ('quantile', 'karras'),
     'model.label_token': ('replace', 'concat'),
     'model.compute_dtype': ('float32', 'bfloat16'),
+    'model.remat': REMAT_POLICIES,
     'diffusion.loss_weighting': ('batch_mean', 'per_sample'),
     'diffusion.noise_plan': ('release', 'matched'),
     'optim.schedule': ('constant_with_warmup', 'cosine_with_min_lr'),

@@ -29,10 +29,10 @@ RECORD_FIELDS = {
     'randaugment', 'num_params', 'ms_per_step', 'img_per_s', 'window_s', 'windows', 'steps_per_window',
     'compile_s', 'temp_bytes', 'argument_bytes', 'output_bytes', 'alias_bytes', 'generated_code_bytes',
     'runtime_peak_bytes', 'runtime_peak_isolated', 'device_kind', 'backend', 'jax_version',
-    'offload_idle_blocks', 'state_device_bytes', 'state_host_bytes',
+    'offload_idle_blocks', 'state_device_bytes', 'state_host_bytes', 'remat',
 }
-TINY_ROWS = ['baseline', 'dblock_mix', 'dblock_offload', 'weight_tied', 'dblock_block0', 'dblock_block1',
-             'eval_baseline', 'eval_dblock', 'compile_B2']  # The tiny setting has 2 layers: B = 3 and 6 do not divide them.
+TINY_ROWS = ['baseline', 'baseline_remat', 'dblock_mix', 'dblock_offload', 'weight_tied', 'dblock_block0',
+             'dblock_block1', 'eval_baseline', 'eval_dblock', 'compile_B2']  # The tiny setting has 2 layers: B = 3 and 6 do not divide them.
 
 
 def check_records(records: list[dict]) -> None:
@@ -50,7 +50,7 @@ def check_records(records: list[dict]) -> None:
     if r['backend'] == 'cpu':
       assert r['runtime_peak_bytes'] is None
   train_rows = [r for r in records if r['phase'] == 'train' and not r['variant'].startswith('compile')]
-  assert [r['block'] for r in train_rows] == [None, 'mix', 'mix', 'mix', 0, 1]
+  assert [r['block'] for r in train_rows] == [None, None, 'mix', 'mix', 'mix', 0, 1]
   assert all(r['alias_bytes'] > 0 for r in train_rows)  # The state is donated.
   rows = {r['variant']: r for r in records}
   mix, offload = rows['dblock_mix'], rows['dblock_offload']
@@ -105,11 +105,13 @@ def test_generation_rows_train_and_sample_both_models():
   config.model.kind, config.eval.batch_size = 'dit', 4
   config.data.mean, config.data.std = (0.5,), (0.5,)
   setting = bench.Setting('tiny_dit', config, 8, 1, 10, 'CI-sized')
-  assert bench.variants(setting) == ['baseline', 'dblock_mix', 'sample_baseline', 'sample_dblock']
+  assert bench.variants(setting) == ['baseline', 'baseline_remat', 'dblock_mix', 'sample_baseline',
+                                     'sample_dblock']
   data, states = bench.synthetic_data(setting), {}
   rows = {v: bench.run_variant(setting, v, data, windows=1, steps_per_window=1, compiler_options=FAST_COMPILE,
                                states=states) for v in bench.variants(setting)}
-  assert [rows[v]['model_kind'] for v in rows] == ['dit', 'dit_dblock', 'dit', 'dit_dblock']
+  assert [rows[v]['model_kind'] for v in rows] == ['dit', 'dit', 'dit_dblock', 'dit', 'dit_dblock']
+  assert (rows['baseline']['remat'], rows['baseline_remat']['remat']) == ('', bench.REMAT_POLICY)
   assert rows['sample_dblock']['phase'] == 'eval' and rows['sample_dblock']['batch'] == 4
   assert rows['baseline']['num_params'] == rows['dblock_mix']['num_params']  # Shared outer parts: same model.
   for r in rows.values():

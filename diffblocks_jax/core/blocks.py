@@ -36,17 +36,35 @@ from flax import nnx
 PyTree = Any
 
 
-class Block(nnx.Module):
-  """A contiguous run of layers, with its own copy of the outer parts when blocks are independent."""
-
-  def __init__(self, layers: Sequence[nnx.Module], shared: nnx.Module | None = None):
-    self.layers = nnx.List(list(layers))
-    self.shared = shared
-
-  def __call__(self, x, *args, **kwargs):
-    for layer in self.layers:
+def run_layers(layers: Sequence[nnx.Module], x, *args, remat: str = '', **kwargs):
+  """`x` through `layers` in order: every model runs its layers here. `remat` (config.model.remat: '' or a name
+  in `jax.checkpoint_policies`) puts each layer under `jax.checkpoint` with that policy, so the backward pass
+  keeps each layer's input and what the policy saves, and recomputes the rest (one layer's worth at a time)."""
+  if not remat:
+    for layer in layers:
       x = layer(x, *args, **kwargs)
     return x
+  policy = getattr(jax.checkpoint_policies, remat)
+  for layer in layers:
+    graphdef, state = nnx.split(layer)
+    # The other arguments (condition, dropout keys, mask) are closed over: jax.checkpoint differentiates
+    # through closed-over values as through arguments.
+    run = lambda state, x, graphdef=graphdef: nnx.merge(graphdef, state)(x, *args, **kwargs)
+    x = jax.checkpoint(run, policy=policy)(state, x)
+  return x
+
+
+class Block(nnx.Module):
+  """A contiguous run of layers, with its own copy of the outer parts when blocks are independent; `remat`
+  as `run_layers` takes it."""
+
+  def __init__(self, layers: Sequence[nnx.Module], shared: nnx.Module | None = None, remat: str = ''):
+    self.layers = nnx.List(list(layers))
+    self.shared = shared
+    self.remat = remat
+
+  def __call__(self, x, *args, **kwargs):
+    return run_layers(self.layers, x, *args, remat=self.remat, **kwargs)
 
 
 def stack_modules(modules: Sequence[nnx.Module]) -> nnx.Module:
@@ -56,11 +74,12 @@ def stack_modules(modules: Sequence[nnx.Module]) -> nnx.Module:
 
 
 class DiffusionBlocks(nnx.Module):
-  """B blocks of a layer stack; block b denoises the target over the b-th slice of noise levels."""
+  """B blocks of a layer stack; block b denoises the target over the b-th slice of noise levels. `remat`:
+  rematerialise each layer with that `jax.checkpoint_policies` name (`run_layers`; '' = off)."""
 
   def __init__(self, make_layer: Callable[[nnx.Rngs], nnx.Module], layer_counts: Sequence[int], *,
                make_outer: Callable[[nnx.Rngs], nnx.Module], independent: bool = False, rngs: nnx.Rngs,
-               stack: bool | None = None, weight_tied: bool = False):
+               stack: bool | None = None, remat: str = '', weight_tied: bool = False):
     counts = [int(n) for n in layer_counts]
     if not counts or min(counts) < 1:
       raise ValueError(f'layer_counts={tuple(counts)} must be one or more positive layer counts')
@@ -83,7 +102,7 @@ class DiffusionBlocks(nnx.Module):
       self.shared = make_outer(rngs)
       copies = [None] * len(counts)
     rows = counts[:1] if weight_tied else counts  # Weight-tied: one row of block parameters for all B slices.
-    blocks = [Block([make_layer(rngs) for _ in range(n)], shared=s) for n, s in zip(rows, copies)]
+    blocks = [Block([make_layer(rngs) for _ in range(n)], shared=s, remat=remat) for n, s in zip(rows, copies)]
     self.blocks = stack_modules(blocks) if self.stacked else nnx.List(blocks)
 
   @property

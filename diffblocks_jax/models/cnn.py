@@ -101,7 +101,7 @@ class CNN(nnx.Module):
     c = cfg.hidden_size
     self.dtype = dtype
     self.stem = Stem(channels, c, cfg.patch_size, dtype, rngs)
-    self.layers = blocks.Block([ConvLayer(cfg, dtype, rngs) for _ in range(cfg.num_layers)])
+    self.layers = blocks.Block([ConvLayer(cfg, dtype, rngs) for _ in range(cfg.num_layers)], remat=cfg.remat)
     self.norm = vit.layer_norm(c, cfg.layer_norm_eps, dtype, rngs)
     self.head = Head(c, cfg.mlp_dim, num_classes, dtype, rngs, zero=False)
 
@@ -159,7 +159,7 @@ class DiffusionBlocksCNN(blocks.DiffusionBlocks):
         lambda r: ConvLayer(cfg, dtype, r, cond_dim=c), layer_counts,
         make_outer=lambda r: CNNParts(cfg, channels=channels, num_classes=num_classes, sigma_data=sigma_data,
                                       dtype=dtype, rngs=r),
-        independent=cfg.independent_blocks, rngs=rngs, stack=stack, weight_tied=cfg.weight_tied)
+        independent=cfg.independent_blocks, rngs=rngs, stack=stack, remat=cfg.remat, weight_tied=cfg.weight_tied)
 
   def label_embeddings(self, block=0) -> jax.Array:
     """The raw label table E (num_classes, hidden) that block `block` sees."""

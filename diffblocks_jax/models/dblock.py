@@ -96,7 +96,7 @@ class DiffusionBlocksViT(blocks.DiffusionBlocks):
         partition_layers(cfg.num_layers, cfg.num_blocks, cfg.layers_per_block),
         make_outer=lambda r: SharedParts(cfg, image_size=image_size, channels=channels, num_classes=num_classes,
                                          dtype=dtype, rngs=r),
-        independent=cfg.independent_blocks, rngs=rngs, stack=stack, weight_tied=cfg.weight_tied)
+        independent=cfg.independent_blocks, rngs=rngs, stack=stack, remat=cfg.remat, weight_tied=cfg.weight_tied)
 
   def shared_parts(self, block) -> SharedParts:
     return self.outer(self.block(block))

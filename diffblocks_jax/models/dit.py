@@ -119,7 +119,7 @@ class DiT(nnx.Module):
   def __init__(self, cfg, *, image_size: int, channels: int, num_classes: int, rngs: nnx.Rngs,
                sigma_data: float = 0.5, dtype=jnp.float32):
     self.parts = _parts(cfg, image_size, channels, num_classes, sigma_data, dtype)(rngs)
-    self.layers = blocks.Block([DiTLayer(cfg, dtype, rngs) for _ in range(cfg.num_layers)])
+    self.layers = blocks.Block([DiTLayer(cfg, dtype, rngs) for _ in range(cfg.num_layers)], remat=cfg.remat)
 
   def denoise(self, labels, x_t, sigmas, block=None, *, key: jax.Array | None = None) -> jax.Array:
     del block  # One block: all layers.
@@ -136,7 +136,7 @@ class DiffusionBlocksDiT(blocks.DiffusionBlocks):
                sigma_data: float = 0.5, dtype=jnp.float32, stack: bool | None = None):
     super().__init__(lambda r: DiTLayer(cfg, dtype, r), layer_counts,
                      make_outer=_parts(cfg, image_size, channels, num_classes, sigma_data, dtype),
-                     independent=cfg.independent_blocks, rngs=rngs, stack=stack, weight_tied=cfg.weight_tied)
+                     independent=cfg.independent_blocks, rngs=rngs, stack=stack, remat=cfg.remat, weight_tied=cfg.weight_tied)
 
   def denoise(self, labels, x_t, sigmas, block, *, key: jax.Array | None = None) -> jax.Array:
     return super().denoise(labels, x_t, sigmas, block=block, key=key)

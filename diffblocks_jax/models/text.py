@@ -261,7 +261,7 @@ class MaskedDiT(nnx.Module):
 
   def __init__(self, cfg, *, vocab_size: int, seq_len: int, rngs: nnx.Rngs, dtype=jnp.float32):
     self.parts = _masked_parts(cfg, vocab_size, seq_len, dtype)(rngs)
-    self.layers = blocks.Block([_llama(cfg, dtype, True)(rngs) for _ in range(cfg.num_layers)])
+    self.layers = blocks.Block([_llama(cfg, dtype, True)(rngs) for _ in range(cfg.num_layers)], remat=cfg.remat)
 
   def denoise(self, x_t, t, block=None, *, key: jax.Array | None = None) -> jax.Array:
     del block  # One block: all layers.
@@ -278,7 +278,7 @@ class DiffusionBlocksMaskedDiT(blocks.DiffusionBlocks):
                stack: bool | None = None):
     super().__init__(_llama(cfg, dtype, True), layer_counts,
                      make_outer=_masked_parts(cfg, vocab_size, seq_len, dtype),
-                     independent=cfg.independent_blocks, rngs=rngs, stack=stack, weight_tied=cfg.weight_tied)
+                     independent=cfg.independent_blocks, rngs=rngs, stack=stack, remat=cfg.remat, weight_tied=cfg.weight_tied)
 
   def denoise(self, x_t, t, block, *, key: jax.Array | None = None) -> jax.Array:
     return super().denoise(x_t, t, block=block, key=key)
@@ -291,7 +291,7 @@ class ARLM(nnx.Module):
 
   def __init__(self, cfg, *, vocab_size: int, seq_len: int, rngs: nnx.Rngs, dtype=jnp.float32):
     self.parts = ARParts(cfg, vocab_size=vocab_size, seq_len=seq_len, dtype=dtype, rngs=rngs)
-    self.layers = blocks.Block([_llama(cfg, dtype, False)(rngs) for _ in range(cfg.num_layers)])
+    self.layers = blocks.Block([_llama(cfg, dtype, False)(rngs) for _ in range(cfg.num_layers)], remat=cfg.remat)
 
   def logits(self, tokens, *, key: jax.Array | None = None) -> jax.Array:
     """(N, L, V): position i is the distribution of x_i given x_{<i}."""
@@ -308,7 +308,7 @@ class DiffusionBlocksAR(blocks.DiffusionBlocks):
                dtype=jnp.float32, stack: bool | None = None):
     super().__init__(_llama(cfg, dtype, True), layer_counts,
                      make_outer=_ar_diffusion_parts(cfg, vocab_size, seq_len, sigma_data, dtype),
-                     independent=cfg.independent_blocks, rngs=rngs, stack=stack, weight_tied=cfg.weight_tied)
+                     independent=cfg.independent_blocks, rngs=rngs, stack=stack, remat=cfg.remat, weight_tied=cfg.weight_tied)
 
   def embedding_table(self, block=0) -> jax.Array:
     """The raw rows (V, hidden) that block `block` embeds clean tokens with (its own copy when independent)."""

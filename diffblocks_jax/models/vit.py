@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from diffblocks_jax.core import blocks
+
 # PyTorch's trunc_normal_(std=0.02) truncates at ±2 absolute, i.e. ±100σ: an untruncated normal (SPEC §2).
 INIT = nnx.initializers.normal(0.02)
 ZEROS = nnx.initializers.zeros_init()
@@ -130,6 +132,7 @@ class ViT(nnx.Module):
     self.cls_token = nnx.Param(INIT(rngs.params(), (1, 1, h)))
     self.pos_embed = nnx.Param(INIT(rngs.params(), (1, num_tokens, h)))
     self.layers = nnx.List([Layer(cfg, dtype, rngs) for _ in range(cfg.num_layers)])
+    self.remat = cfg.remat
     self.norm = layer_norm(h, cfg.layer_norm_eps, dtype, rngs)
     self.head = dense(h, num_classes, dtype, rngs)
 
@@ -140,8 +143,7 @@ class ViT(nnx.Module):
     cls = jnp.broadcast_to(self.cls_token[...], (x.shape[0], 1, x.shape[-1])).astype(x.dtype)
     x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...].astype(x.dtype)
     x = dropout(x, self.dropout, keys())
-    for layer in self.layers:
-      x = layer(x, keys)
+    x = blocks.run_layers(self.layers, x, keys, remat=self.remat)
     return self.norm(x)[:, 0]
 
   def __call__(self, images: jax.Array, *, key: jax.Array | None = None) -> jax.Array:

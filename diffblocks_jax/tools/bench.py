@@ -4,10 +4,11 @@
   python -m diffblocks_jax.tools.bench --config=configs/cifar100_dblock.py [--config.model.compute_dtype=bfloat16]
       [--image_size=32 --channels=3 --num_classes=100] [--randaugment] [--isolate]
 
-Rows per setting (a config's model.kind is set per row): the baseline's training img/s; DiffusionBlocks'
-training img/s with the block drawn every step (`dblock_mix`, the real step: a traced row of the stacked
-blocks), with the block stacks offloaded to host memory (`dblock_offload`), weight-tied (`weight_tied`: one
-block's parameters and Adam state serve all B slices, config.model.weight_tied) and with each block forced
+Rows per setting (a config's model.kind is set per row): the baseline's training img/s, also with each layer
+rematerialised (`baseline_remat`: config.model.remat, or 'nothing_saveable' where the config sets none); the
+DiffusionBlocks' training img/s with the block drawn every step (`dblock_mix`, the real step: a traced row of the
+stacked blocks), with the block stacks offloaded to host memory (`dblock_offload`), weight-tied (`weight_tied`:
+one block's parameters and Adam state serve all B slices, config.model.weight_tied) and with each block forced
 (`dblock_block<b>`); evaluation img/s (baseline forward, the N=B-step sampler); and the compile time of the
 DiffusionBlocks training program at the setting's depth cut into B = 2, 3, 6 blocks (`compile_B<n>`,
 compiled, not run). Every row reports the train state's bytes on the device and in host memory.
@@ -49,6 +50,8 @@ from diffblocks_jax import config as config_lib
 from diffblocks_jax.training import experiment, sharding, train
 from diffblocks_jax.data import input_pipeline
 from diffblocks_jax.tasks import classification, generation
+from diffblocks_jax.tools import memory
+from diffblocks_jax.tools.memory import memory_fields, tree_bytes
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Benchmark this config instead of a suite.',
                                           lock_config=True)
@@ -63,7 +66,6 @@ _RANDAUGMENT = flags.DEFINE_bool('randaugment', False, 'Add baseline and mix row
 _ISOLATE = flags.DEFINE_bool('isolate', False, 'One process per row: exact runtime peaks on GPU/TPU.')
 _ONLY = flags.DEFINE_string('only', None, 'Internal (--isolate): run one row, SETTING_INDEX:VARIANT.')
 
-MEMORY_FIELDS = ('temp', 'argument', 'output', 'alias', 'generated_code')
 MIB = 2.0**20
 
 
@@ -125,18 +127,20 @@ def is_generation(setting: Setting) -> bool:
   return config_lib.task_name(setting.config) == 'generation'
 
 
+REMAT_POLICY = 'nothing_saveable'  # The `baseline_remat` row's policy where the config sets none.
 COMPILE_SWEEP = (2, 3, 6)  # Numbers of blocks whose step's compile time is reported at the setting's depth.
 
 
 def variants(setting: Setting, randaugment: bool = False) -> list[str]:
   if is_generation(setting):
-    return ['baseline', 'dblock_mix', 'sample_baseline', 'sample_dblock']
+    return ['baseline', 'baseline_remat', 'dblock_mix', 'sample_baseline', 'sample_dblock']
   config = variant_config(setting.config, kind='dblock')
   num_blocks = config_lib.num_blocks(config)
   stacked = len(set(config.model.layers_per_block)) <= 1
   sweep = [f'compile_B{n}' for n in COMPILE_SWEEP if config.model.num_layers % n == 0]
   tied = stacked and not config.model.independent_blocks and not config.parallel_blocks  # What can be weight-tied.
-  out = ['baseline', 'dblock_mix', *(['dblock_offload'] if stacked else []), *(['weight_tied'] if tied else []),
+  out = ['baseline', 'baseline_remat', 'dblock_mix', *(['dblock_offload'] if stacked else []),
+         *(['weight_tied'] if tied else []),
          *(f'dblock_block{b}' for b in range(num_blocks)), 'eval_baseline', 'eval_dblock', *sweep]
   return out + (['baseline+randaugment', 'dblock_mix+randaugment'] if randaugment else [])
 
@@ -162,22 +166,10 @@ def synthetic_data(setting: Setting, seed: int = 0) -> input_pipeline.Dataset:
                                 setting.num_classes, f'synthetic_{setting.name}')
 
 
-def memory_fields(compiled) -> dict[str, int | None]:
-  analysis = compiled.memory_analysis()
-  get = lambda k: None if analysis is None else int(getattr(analysis, f'{k}_size_in_bytes'))
-  return {f'{k}_bytes': get(k) for k in MEMORY_FIELDS}
-
-
 def step_memory(exp: experiment.Experiment, block: int | None = None,
                 compiler_options: dict | None = None) -> dict[str, int | None]:
   """Compiled memory of one training step (state donated, batch already augmented); nothing runs."""
-  c = exp.config
-  step = train.make_train_step(exp, block=block)
-  images = jax.ShapeDtypeStruct((c.train.batch_size, exp.data.image_size, exp.data.image_size,
-                                 exp.data.channels), jnp.float32)
-  labels = jax.ShapeDtypeStruct((c.train.batch_size,), jnp.int32)
-  lowered = jax.jit(step, donate_argnums=0).lower(exp.abstract_state, images, labels)
-  return memory_fields(lowered.compile(compiler_options))
+  return memory_fields(memory.compile_step(exp, block=block, compiler_options=compiler_options))
 
 
 def window_times(run_window: Callable[[], Any], windows: int) -> list[float]:
@@ -222,12 +214,8 @@ def _compile_only(exp: experiment.Experiment, num_steps: int, options):
 
 
 def state_bytes(exp: experiment.Experiment) -> dict[str, int]:
-  """Bytes of the train state by where it lives: the device, or host memory (offloaded block stacks)."""
-  out = {'state_device_bytes': 0, 'state_host_bytes': 0}
-  for leaf in jax.tree.leaves(exp.abstract_state):
-    where = 'device' if leaf.sharding.memory_kind in (None, 'device') else 'host'
-    out[f'state_{where}_bytes'] += int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
-  return out
+  """Bytes of the train state by where it lives (`tree_bytes`)."""
+  return tree_bytes(exp.abstract_state)
 
 
 def _time_eval(exp: experiment.Experiment, windows: int, num_steps: int, options, states: dict[str, Any]):
@@ -266,7 +254,8 @@ def _runtime_peak() -> int | None:
 def run_variant(setting: Setting, variant: str, data: input_pipeline.Dataset, *, windows: int,
                 steps_per_window: int, isolated: bool = False, compiler_options: dict | None = None,
                 states: dict[str, Any] | None = None) -> dict[str, Any]:
-  """One row: 'baseline', 'dblock_mix', 'dblock_block<b>', 'eval_<kind>', optionally '+randaugment'.
+  """One row: 'baseline', 'baseline_remat', 'dblock_mix', 'dblock_block<b>', 'eval_<kind>', optionally
+  '+randaugment'.
 
   `compiler_options` (XLA debug options) exist for tests: LLVM settings speed up CPU compiles without
   changing buffer assignment, so the memory figures stay exact while the timings lose meaning.
@@ -279,6 +268,8 @@ def run_variant(setting: Setting, variant: str, data: input_pipeline.Dataset, *,
   config = variant_config(setting.config, kind=kind, randaugment=randaugment)
   config.train.offload_idle_blocks = name == 'dblock_offload'
   config.model.weight_tied = name == 'weight_tied'  # One row of block parameters for all B slices.
+  if name.startswith('baseline'):  # The baseline row without rematerialisation, `baseline_remat` with it.
+    config.model.remat = (config.model.remat or REMAT_POLICY) if name == 'baseline_remat' else ''
   if name.startswith('compile_B'):  # Same depth, another number of blocks.
     config.model.num_blocks, config.model.layers_per_block = int(name.removeprefix('compile_B')), ()
   mesh = sharding.make_mesh(config, devices=jax.local_devices()[:1])
@@ -297,7 +288,7 @@ def run_variant(setting: Setting, variant: str, data: input_pipeline.Dataset, *,
   return dict(
       config=setting.name, note=setting.note, variant=variant, phase='eval' if name.startswith(('eval', 'sample')) else 'train',
       model_kind=config.model.kind, block='mix' if name in ('dblock_mix', 'dblock_offload', 'weight_tied') else block,
-      offload_idle_blocks=bool(config.train.offload_idle_blocks), dtype=m.compute_dtype, batch=batch,
+      offload_idle_blocks=bool(config.train.offload_idle_blocks), remat=m.remat, dtype=m.compute_dtype, batch=batch,
       image_size=setting.image_size, channels=setting.channels, num_classes=setting.num_classes,
       hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
       patch_size=m.patch_size, num_blocks=exp.num_blocks, randaugment=bool(config.data.randaugment),
