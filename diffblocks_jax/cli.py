@@ -114,8 +114,12 @@ def parse_flags(argv: list[str]) -> list[str]:
   mode = mode or 'train'
   asks_help = any(re.fullmatch(r'--?(help\w*|h|\?)', a) for a in argv[1:])
   if workdir and not asks_help:
-    check_workdir(workdir, writes=mode == 'train')
-  if path is None and not asks_help:
+    check_workdir(workdir, writes=mode in ('train', 'merge'))
+  if mode != 'merge' and _flag_value(argv, 'from') is not None and not asks_help:
+    fail(f'--from names the block jobs to merge: it needs --mode=merge, not --mode={mode}')
+  if mode == 'merge' and path is not None and not asks_help:
+    fail('--mode=merge takes its config from the --from workdirs (block jobs of one config): drop --config')
+  if path is None and mode != 'merge' and not asks_help:
     saved = os.path.join(workdir, 'config.json') if workdir else None
     if mode == 'train' and not (saved and os.path.exists(saved)):
       fail(f'--config is required to start a run, e.g. --config=configs/digits_dblock.py (a run already in --workdir '

@@ -113,6 +113,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   t.eval_every_epochs = 10.0  # Test-split evaluation cadence (0 = only at the end).
   t.resume_step = 0  # Resume from this checkpoint step (0 = the latest); later ones are moved aside, not deleted.
   t.allow_config_change = False  # Resume although fields beyond run length, logging and evaluation changed.
+  t.blocks = ()  # One job per block (docs/block_jobs.md): train only these blocks of the block-parallel run, e.g.
+  # (0,) or (1, 2), with their data orders and draws; the other blocks are never built. () = every block.
 
   # --- evaluation (SPEC §7) ---
   c.eval = e = ml_collections.ConfigDict()
@@ -183,6 +185,36 @@ def num_blocks(config) -> int:
   if not uses_blocks(config):
     return 1
   return len(config.model.layers_per_block) or config.model.num_blocks
+
+
+def trained_blocks(config) -> tuple[int, ...]:
+  """The blocks a run trains, in ascending order: config.train.blocks (a block job), else all B."""
+  return tuple(sorted(config.train.blocks)) if config.train.blocks else tuple(range(num_blocks(config)))
+
+
+def _block_job_errors(config, blockwise: bool) -> list[str]:
+  """config.train.blocks: a block job is the block-parallel run restricted to its blocks (docs/block_jobs.md)."""
+  owned = tuple(config.train.blocks)
+  if not owned:
+    return []
+  field = f'config.train.blocks={owned}'
+  if not all(isinstance(b, int) and not isinstance(b, bool) for b in owned):
+    return [f'{field} must name blocks by number, e.g. --config.train.blocks=0 or --config.train.blocks="(1, 2)" '
+            '(() trains every block)']
+  if not blockwise:
+    return [f'{field} needs a block-wise config.model.kind {registry.kinds_where(lambda k: k.blockwise)}, not '
+            f'{config.model.kind!r} (an end-to-end model has no blocks)']
+  errors = []
+  if len(set(owned)) < len(owned):
+    errors.append(f'{field} names a block twice: name each block once')
+  if config.model.num_blocks >= 1 and not all(0 <= b < num_blocks(config) for b in owned):
+    errors.append(f'{field} names a block outside 0..{num_blocks(config) - 1} (config.model.num_blocks='
+                  f'{config.model.num_blocks})')
+  if not (config.model.independent_blocks and config.parallel_blocks):
+    errors.append(f'{field} (a block job: the block-parallel run restricted to these blocks) needs '
+                  'config.model.independent_blocks=True (each block its own copy of the outer parts, so that no '
+                  'part is trained by two jobs) and config.parallel_blocks=True')
+  return errors
 
 
 # Numeric fields and the range each must lie in: (test, the rule as the message states it); every value must
@@ -340,13 +372,14 @@ def validate(config, *, num_devices: int | None = None) -> None:
     errors.append(f'config.parallel_blocks=True needs a block-wise config.model.kind '
                   f'{registry.kinds_where(lambda k: k.blockwise)}, config.model.independent_blocks=True and blocks '
                   'of equal depth (the block axis is sharded)')
+  errors += _block_job_errors(config, blockwise)
   if config.train.offload_idle_blocks and (not blockwise or uneven or config.parallel_blocks):
     errors.append('config.train.offload_idle_blocks=True needs a block-wise config.model.kind with blocks of equal depth '
                   '(no uneven config.model.layers_per_block) and config.parallel_blocks=False')
   if num_devices is not None:
     data_devices = num_devices if config.mesh.data == -1 else config.mesh.data
     if config.parallel_blocks and kind is not None:
-      data_devices = max(1, num_devices // num_blocks(config))
+      data_devices = max(1, num_devices // (len(config.train.blocks) or num_blocks(config)))  # A group per block.
     if data_devices < 1 or data_devices > num_devices:
       errors.append(f'config.mesh.data={config.mesh.data} does not fit the {num_devices} available devices')
     elif config.train.batch_size % data_devices:

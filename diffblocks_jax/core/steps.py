@@ -147,13 +147,16 @@ def _at_block(update, b, state, *args):
   return update(state, b, *args)
 
 
-def make_parallel_step(graphdef, task, partition, optim_config, schedule, *, condition_dropout: float = 0.0):
+def make_parallel_step(graphdef, task, partition, optim_config, schedule, *, condition_dropout: float = 0.0,
+                       block_ids=None):
   """Every block trains at once, each on its own noise range, data and draws: `block_update` vmapped over
   the block axis of stacked, independent blocks (no shared parameters). Sharded `P('block')`, each device
   group holds and updates one block and XLA partitions the vmapped step along that axis.
 
   train_step(state, inputs, targets) takes inputs and targets with a leading block axis (one batch per block).
   Metrics are those of the sequential step averaged over blocks, plus `loss_block{b}`; `block` is -1 (all).
+  `block_ids`: which block each row of the stack is (a block job holds some rows only: docs/block_jobs.md);
+  None = row b is block b. A row's draws depend on its block id alone, so a job's rows train as in the full run.
   """
   update = block_update(graphdef, task, partition, optim_config, schedule)
 
@@ -173,12 +176,12 @@ def make_parallel_step(graphdef, task, partition, optim_config, schedule, *, con
   def train_step(state: TrainState, inputs, targets):
     if set(state.params) != {'blocks'} or not blocks.is_stacked(state.params['blocks']):
       raise ValueError('block-parallel training needs stacked, independent blocks (no shared parameters)')
-    num_blocks = blocks.num_blocks_of(state.params)
+    ids = tuple(range(blocks.num_blocks_of(state.params))) if block_ids is None else tuple(block_ids)
     params, opt, metrics = jax.vmap(one_block, in_axes=(0, None, 0, 0, None, 0, 0))(
-        jnp.arange(num_blocks), state.rng, state.params['blocks'], state.opt_state['blocks'], state.step,
+        jnp.asarray(ids, jnp.int32), state.rng, state.params['blocks'], state.opt_state['blocks'], state.step,
         inputs, targets)
     out = {k: jnp.mean(v) for k, v in metrics.items()}
-    out.update({f'loss_block{b}': metrics['loss'][b] for b in range(num_blocks)})
+    out.update({f'loss_block{b}': metrics['loss'][row] for row, b in enumerate(ids)})
     out['lr'], out['block'] = metrics['lr'][0], jnp.asarray(-1, jnp.int32)
     return state.replace(step=state.step + 1, params={'blocks': params}, opt_state={'blocks': opt}), out
 

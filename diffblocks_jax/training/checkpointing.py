@@ -286,6 +286,13 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       raise CheckpointError(f'Metadata of {self.step_path(step)} is unreadable: {_describe(e)}') from e
 
+  def manifest(self, step: int) -> dict:
+    """The manifest saved with `step`: {'leaves': {path: {'shape', 'dtype', 'fingerprint'}}} (no array is read)."""
+    try:
+      return dict(self._read_json(step, _MANIFEST))
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f'Manifest of {self.step_path(step)} is unreadable: {_describe(e)}') from e
+
   def _read_json(self, step: int, item: str) -> Any:
     return self._manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
 

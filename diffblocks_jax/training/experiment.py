@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from diffblocks_jax import models
-from diffblocks_jax.training import checkpointing, sharding
+from diffblocks_jax.training import block_jobs, checkpointing, sharding
 from diffblocks_jax import config as config_lib
 from diffblocks_jax.core import optim, partitions, steps
 from diffblocks_jax.data import input_pipeline
@@ -46,6 +46,12 @@ class Experiment:
   steps_per_epoch: int
   total_steps: int
   schedule: Any
+  blocks: tuple[int, ...]  # The blocks this run trains (rows of the stacks): all B, or a block job's.
+
+  @property
+  def is_block_job(self) -> bool:
+    """A run of some blocks only (config.train.blocks): it trains them, and the merge evaluates them."""
+    return len(self.blocks) < self.num_blocks
 
   @property
   def task(self):
@@ -96,7 +102,10 @@ class Experiment:
   def _init(self) -> steps.TrainState:
     c, d = self.config, self.data
     model = models.build(c.model, seed=c.seed, sigma_data=c.diffusion.sigma_data, **d.model_dims)
-    return steps.init_state(models.split(model)[1], c.seed)
+    params = models.split(model)[1]
+    if self.is_block_job:  # Under jit the other blocks' initialisation is dead code: never on the device.
+      params = block_jobs.rows(params, self.blocks)
+    return steps.init_state(params, c.seed)
 
 
 def build_experiment(config) -> Experiment:
@@ -127,7 +136,8 @@ def experiment_from_data(config, data: input_pipeline.Dataset, mesh=None, *, val
   total_steps = config.train.num_epochs * block_factor * steps_per_epoch
   warmup_steps = round(config.optim.warmup_epochs * block_factor * steps_per_epoch)
   schedule = optim.make_schedule(config.optim, total_steps, warmup_steps)
-  exp = Experiment(config, mesh, data, None, None, num_blocks, steps_per_epoch, total_steps, schedule)
+  exp = Experiment(config, mesh, data, None, None, num_blocks, steps_per_epoch, total_steps, schedule,
+                   config_lib.trained_blocks(config))
   abstract_model = nnx.eval_shape(lambda: models.build(config.model, sigma_data=config.diffusion.sigma_data,
                                                        **data.model_dims))
   exp.graphdef = models.split(abstract_model)[0]
@@ -146,7 +156,18 @@ def put_train_split(exp: Experiment) -> tuple[jax.Array, ...]:
 
 
 def load_trained(config, workdir: str, step: int | None = None):
-  """(experiment, state) from WORKDIR/checkpoints: for eval mode, notebooks and tests."""
+  """(experiment, state) from WORKDIR/checkpoints: for eval mode, notebooks and tests.
+
+  A block-parallel run (or merged block jobs) is read back on fewer devices than it has blocks with its blocks
+  unsharded: evaluation needs no device groups. A block job alone holds too few blocks to evaluate.
+  """
+  if config.train.blocks:
+    raise config_lib.ConfigError(
+        f'{workdir} is a block job (config.train.blocks={tuple(config.train.blocks)}): it holds only those blocks. '
+        'Merge the jobs first (--mode=merge --workdir=OUT --from=W0,W1,...: docs/block_jobs.md) and evaluate OUT.')
+  if config.parallel_blocks and jax.local_device_count() < config_lib.num_blocks(config):
+    config = config.copy_and_resolve_references()
+    config.parallel_blocks = False
   directory = os.path.join(workdir, 'checkpoints')
   if '://' not in directory and not os.path.isdir(directory):  # Opening a Checkpointer would create it.
     raise FileNotFoundError(f'No checkpoint in {directory}: train first with --workdir={workdir}, or import '

@@ -87,7 +87,7 @@ def experiment_lines(exp) -> list[str]:
     if exp.config.model.weight_tied:  # One block's parameters serve all B slices.
       per_block = f' (one block of {stacked:,} for all {exp.num_blocks} slices, weight-tied; {total - stacked:,} shared)'
     else:
-      per_block = f' ({stacked // exp.num_blocks:,} per block, {total - stacked:,} shared)'
+      per_block = f' ({stacked // len(exp.blocks):,} per block, {total - stacked:,} shared)'
   devices = jax.devices()
   return [f'Data: {exp.data.summary()}',
           f'Model: {total:,} parameters{per_block}; {len(devices)} {devices[0].platform} device'
@@ -296,11 +296,12 @@ def _number(x: float) -> str:
 
 def end_summary(result: dict, *, workdir: str, total_steps: int, wall_s: float, start_step: int = 0,
                 batch_size: int | None = None, checkpoint_dir: str | None = None,
-                checkpoint_step: int | None = None, unit: str = 'img') -> str:
+                checkpoint_step: int | None = None, unit: str = 'img', then: str | None = None) -> str:
   """What a finished (or stopped) run reached and where everything is, as a few lines for the log.
 
   `result` is train_and_evaluate's dict ('step', 'eval/...', 'train/...'); `wall_s` the wall time of this
-  session, which started (fresh or resumed) at `start_step`; with `batch_size`, its throughput.
+  session, which started (fresh or resumed) at `start_step`; with `batch_size`, its throughput. `then`: what to do
+  next, instead of evaluating again (a block job: merge).
   """
   step = int(result.get('step', 0))
   head = f'Finished {step}/{total_steps} steps' if step >= total_steps else f'Stopped at step {step}/{total_steps}'
@@ -323,7 +324,8 @@ def end_summary(result: dict, *, workdir: str, total_steps: int, wall_s: float, 
   if os.path.isdir(os.path.join(workdir, 'tensorboard')):
     board = os.path.join(workdir, 'tensorboard')
     lines.append(f'  TensorBoard: uv run --with tensorboard tensorboard --logdir {board}')
-  lines.append(f'  evaluate again: uv run python -m diffblocks_jax.main --mode=eval --workdir={workdir}')
+  lines.append(f'  then: {then}' if then else
+               f'  evaluate again: uv run python -m diffblocks_jax.main --mode=eval --workdir={workdir}')
   return '\n'.join(lines)
 
 

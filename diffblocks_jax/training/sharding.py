@@ -47,7 +47,7 @@ def make_mesh(config, devices=None) -> Mesh:
   per_process = _by_process(jax.devices() if devices is None else devices)
   local = min(len(ds) for ds in per_process)
   if config.parallel_blocks:
-    return block_mesh(per_process, config_lib.num_blocks(config))
+    return block_mesh(per_process, len(config_lib.trained_blocks(config)))  # A block job: its blocks only.
   n = local * len(per_process) if config.mesh.data == -1 else config.mesh.data
   if n % len(per_process) or n // len(per_process) > local or n < 1:
     raise MeshError(f'config.mesh.data={config.mesh.data} cannot be split evenly over the {len(per_process)} '
@@ -61,8 +61,8 @@ def block_mesh(per_process: list[list[jax.Device]], num_blocks: int) -> Mesh:
   local = min(len(ds) for ds in per_process)
   per_group = local // num_blocks
   if per_group < 1:
-    raise MeshError(f'config.parallel_blocks=True needs at least B={num_blocks} devices per process; '
-                    f'this process has {local}')
+    raise MeshError(f'config.parallel_blocks=True needs at least {num_blocks} devices per process, one per block '
+                    f'it trains; this process has {local}')
   rows = [[d for ds in per_process for d in ds[b * per_group:(b + 1) * per_group]] for b in range(num_blocks)]
   return Mesh(np.asarray(rows), ('block', 'data'))
 

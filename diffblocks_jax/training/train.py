@@ -19,7 +19,7 @@ import numpy as np
 from absl import logging
 
 from diffblocks_jax import config as config_lib
-from diffblocks_jax.training import checkpointing, locking, paths, reporting, sharding
+from diffblocks_jax.training import block_jobs, checkpointing, locking, paths, reporting, sharding
 from diffblocks_jax.core import blocks, steps
 from diffblocks_jax.training.experiment import Experiment, build_experiment, put_train_split
 
@@ -29,7 +29,8 @@ def make_train_step(exp: Experiment, *, block: int | None = None):
   c, task = exp.config, exp.task
   if c.parallel_blocks:
     return steps.make_parallel_step(exp.graphdef, task.make_task(c, exp.data), task.partition(c, exp.data),
-                                    c.optim, exp.schedule, condition_dropout=c.diffusion.class_dropout_prob)
+                                    c.optim, exp.schedule, condition_dropout=c.diffusion.class_dropout_prob,
+                                    block_ids=exp.blocks)
   return task.make_train_step(exp.graphdef, c, exp.schedule, data=exp.data, block=block,
                               placement=blocks.Placement(host=c.train.offload_idle_blocks))
 
@@ -47,9 +48,8 @@ def make_train_chunk(exp: Experiment, *, block: int | None = None, train_step=No
   num_local = exp.data.num_train
   num_padded = sharding.padded_rows(mesh, num_local)
   data_key = exp.key('data')
-  # Block-parallel: each block its own data order and augmentation, one batch per block.
-  data_keys = [jax.random.fold_in(data_key, b) for b in range(exp.num_blocks)] if config.parallel_blocks \
-      else [data_key]
+  # Block-parallel: each block its own data order and augmentation, one batch per block (a block job: its blocks').
+  data_keys = [jax.random.fold_in(data_key, b) for b in exp.blocks] if config.parallel_blocks else [data_key]
 
   def batch_of(key, step):
     # A fresh permutation per epoch of the processes' shards together, indexed by the global step: a resumed
@@ -209,6 +209,12 @@ def _train_loop(config, workdir: str, lead: bool, stop: _StopFlag) -> dict[str, 
     ckpt.close()
     raise
   evaluated = _evaluation_at(workdir, start) if start is not None else None
+  if exp.is_block_job and start is not None and start >= exp.total_steps:  # A block job is never evaluated.
+    ckpt.close()
+    if lead:
+      logging.info('Already finished at step %d of %d: blocks %s. Nothing to do; merge the jobs (%s).', start,
+                   exp.total_steps, exp.blocks, block_jobs.MERGE_HINT)
+    return {'step': start}
   if start is not None and start >= exp.total_steps and evaluated:  # The answer, and nothing before it.
     ckpt.close()
     shown = ', '.join(f'{k} {v:.4g}' for k, v in evaluated.items() if k.startswith('eval/'))
@@ -219,6 +225,9 @@ def _train_loop(config, workdir: str, lead: bool, stop: _StopFlag) -> dict[str, 
   if lead:  # A few lines say what runs; the full config is in WORKDIR/config.json.
     for line in [reporting.run_line(config, workdir), *reporting.experiment_lines(exp)]:
       logging.info('%s', line)
+    if exp.is_block_job:
+      logging.info('Block job: trains blocks %s of %d as the block-parallel run does, no evaluation (merge the '
+                   'jobs: %s).', exp.blocks, exp.num_blocks, block_jobs.MERGE_HINT)
     if start is None:
       logging.info('Starting from scratch: %d steps (%d per epoch).', exp.total_steps, exp.steps_per_epoch)
       for line in getattr(exp.task, 'start_lines', lambda exp: [])(exp):
@@ -227,12 +236,12 @@ def _train_loop(config, workdir: str, lead: bool, stop: _StopFlag) -> dict[str, 
       logging.info('Resumed from %s at step %d of %d.', ckpt.directory, start, exp.total_steps)
   arrays = put_train_split(exp)
   chunk_fn = make_train_chunk(exp)
-  evaluator = exp.task.make_evaluator(exp, workdir)
+  evaluator = None if exp.is_block_job else exp.task.make_evaluator(exp, workdir)
   writer = reporting.MetricWriter(workdir, enabled=lead)
   unit = exp.task.UNIT  # What the progress line counts per second.
   progress = reporting.Progress(exp.total_steps, config.train.batch_size, exp.steps_per_epoch, unit)
   eval_every = max(1, round(config.train.eval_every_epochs * exp.steps_per_epoch)) \
-      if config.train.eval_every_epochs > 0 else exp.total_steps
+      if config.train.eval_every_epochs > 0 and evaluator else exp.total_steps
   saved_config = json.loads(config.to_json_best_effort())  # Kept in every checkpoint: config.CONFIG_COPY.
   step = first_step = int(state.step)
   last_good = step
@@ -279,10 +288,15 @@ def _train_loop(config, workdir: str, lead: bool, stop: _StopFlag) -> dict[str, 
     # Offloaded block stacks are not checked here: gathering them onto the device would undo the offload.
     if not config.train.offload_idle_blocks and not _all_finite(state.params):
       raise diverged(at_step, 'Non-finite parameters')
-    ckpt.save(at_step, state, metadata={'epoch': at_step / exp.steps_per_epoch}, config=saved_config, force=True)
+    metadata = {'epoch': at_step / exp.steps_per_epoch}
+    if exp.is_block_job:  # The blocks it owns (also in the config copy): what --mode=merge reads.
+      metadata['blocks'] = list(exp.blocks)
+    ckpt.save(at_step, state, metadata=metadata, config=saved_config, force=True)
 
   def evaluate_now():
     nonlocal evaluated_at
+    if evaluator is None:  # A block job: the merged run is evaluated.
+      return
     metrics, line = evaluator(state.params, step)
     writer.write(step, metrics)
     result.update(metrics)
@@ -345,7 +359,8 @@ def _train_loop(config, workdir: str, lead: bool, stop: _StopFlag) -> dict[str, 
     logging.info('%s', reporting.end_summary(result, workdir=workdir, total_steps=exp.total_steps,
                                              wall_s=time.perf_counter() - started, start_step=first_step,
                                              batch_size=config.train.batch_size, checkpoint_dir=ckpt.directory,
-                                             checkpoint_step=latest, unit=unit))
+                                             checkpoint_step=latest, unit=unit,
+                                             then=block_jobs.MERGE_HINT if exp.is_block_job else None))
   return result
 
 
