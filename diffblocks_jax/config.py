@@ -210,7 +210,7 @@ def _block_job_errors(config, blockwise: bool) -> list[str]:
   if config.model.num_blocks >= 1 and not all(0 <= b < num_blocks(config) for b in owned):
     errors.append(f'{field} names a block outside 0..{num_blocks(config) - 1} (config.model.num_blocks='
                   f'{config.model.num_blocks})')
-  if not (config.model.independent_blocks and config.parallel_blocks):
+  if not config.parallel_blocks:  # (parallel_blocks without independent blocks is refused on its own, above.)
     errors.append(f'{field} (a block job: the block-parallel run restricted to these blocks) needs '
                   'config.model.independent_blocks=True (each block its own copy of the outer parts, so that no '
                   'part is trained by two jobs) and config.parallel_blocks=True')

@@ -69,7 +69,7 @@ class _Source:
     if not steps:
       raise _error(f'{workdir} holds no checkpoint: train it first (run its command again)')
     owned = self.metadata.get('blocks')
-    if owned is not None and tuple(owned) != self.blocks:
+    if owned is not None and tuple(sorted(owned)) != self.blocks:
       raise _error(f'{workdir}: its checkpoint step {self.step} owns blocks {tuple(owned)} but its config.json says '
                    f'{self.blocks}')
 
