@@ -12,6 +12,13 @@ tests/helpers.py.
 
 from __future__ import annotations
 
+import os
+
+import helpers
+
+os.environ['XLA_FLAGS'] = helpers.xla_flags(os.environ.get('XLA_FLAGS', ''))  # Before JAX starts (helpers.py).
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
 import numpy as np
 import pytest
@@ -20,6 +27,20 @@ from diffblocks_jax import models
 from helpers import HANG_GUARD_S, TINY_DIMS, tiny_config as make_tiny_config  # pylint: disable=unused-import
 
 _MODEL_CACHE = {}
+
+LONG_TESTS = os.environ.get('DIFFBLOCKS_LONG_TESTS') == '1'
+
+
+def pytest_collection_modifyitems(config, items):
+  """Tests marked `long` (trainings to a target, every kill point, every notebook) run only with
+  DIFFBLOCKS_LONG_TESTS=1: the default suite has a time budget on two cores (docs/testing.md)."""
+  del config
+  if LONG_TESTS:
+    return
+  skip = pytest.mark.skip(reason='long: run with DIFFBLOCKS_LONG_TESTS=1 (docs/testing.md)')
+  for item in items:
+    if 'long' in item.keywords:
+      item.add_marker(skip)
 
 
 def make_tiny_model(config, seed: int = 0):

@@ -5,6 +5,7 @@ subprocess (with a shared persistent XLA cache when asked), and the config build
   HANG_GUARD_S                          how long a subprocess may run before a test calls it hung
   cli_command(*args) -> list[str]       `python -m diffblocks_jax.main ARGS` (for Popen)
   run_cli(*args, env=None, cwd=ROOT)    runs it to the end: a CompletedProcess with stdout and stderr as text
+  FAST_XLA_FLAGS, xla_flags(flags)     XLA's cheaper CPU compilation, on in every test process and subprocess
   subprocess_env(**extra)               os.environ on the CPU, quiet TensorFlow, no traceback override
   cached_env(cache_dir, **extra)        the same with one persistent XLA cache shared by the runs that get it
   tiny_config(kind, data, **overrides)  a small config of any model kind on the digits, CIFAR-100 or text data
@@ -41,12 +42,25 @@ TINY_DIMS = dict(image_size=8, channels=3, num_classes=5)
 TRACEBACK_ENV = 'DIFFBLOCKS_TRACEBACK'
 
 
+# At the tests' sizes a CPU spends its time compiling, not computing: XLA's cheaper CPU settings roughly halve a
+# tiny run (the operations are the same; runs compared bit for bit get the same flags). conftest.py puts them in the
+# pytest process's XLA_FLAGS before JAX starts, and every subprocess gets them (`subprocess_env`).
+FAST_XLA_FLAGS = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
+
+
+def xla_flags(flags: str = '') -> str:
+  """`flags` (e.g. '--xla_force_host_platform_device_count=3') with FAST_XLA_FLAGS, once."""
+  return flags if FAST_XLA_FLAGS in flags else f'{flags} {FAST_XLA_FLAGS}'.strip()
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
   """os.environ for a subprocess: on the CPU, TensorFlow's C++ logs off, the CLI's own error messages (the
-  variable that turns user errors into tracebacks, TRACEBACK_ENV, is not inherited); `extra` on top."""
+  variable that turns user errors into tracebacks, TRACEBACK_ENV, is not inherited); `extra` on top, its XLA_FLAGS
+  with FAST_XLA_FLAGS."""
   env = {k: v for k, v in os.environ.items() if k != TRACEBACK_ENV}
   env.update(JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
   env.update(extra)
+  env['XLA_FLAGS'] = xla_flags(env.get('XLA_FLAGS', ''))
   return env
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 
@@ -21,7 +20,6 @@ from diffblocks_jax.tools import bench
 from helpers import HANG_GUARD_S, subprocess_env
 
 FAST_COMPILE = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
-FAST_XLA_FLAGS = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
 
 RECORD_FIELDS = {
     'config', 'note', 'variant', 'phase', 'model_kind', 'block', 'dtype', 'batch', 'image_size', 'channels',
@@ -70,7 +68,7 @@ def check_records(records: list[dict]) -> None:
 @pytest.mark.slow
 def test_tiny_suite_command_line(tmp_path):
   out = tmp_path / 'bench.json'
-  env = subprocess_env(XLA_FLAGS=f'{os.environ.get("XLA_FLAGS", "")} {FAST_XLA_FLAGS}')
+  env = subprocess_env()
   result = subprocess.run(
       [sys.executable, '-m', 'diffblocks_jax.tools.bench', '--suite=tiny', f'--json={out}', '--windows=1',
        '--steps_per_window=1'], env=env, capture_output=True, text=True, timeout=HANG_GUARD_S, check=False)

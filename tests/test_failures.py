@@ -145,14 +145,12 @@ def last_line(stderr: str) -> str:
   return [line for line in stderr.splitlines() if line.strip()][-1]
 
 
-@pytest.mark.slow
-def test_ctrl_c_saves_the_step_and_resumes_bit_for_bit_a_second_stops_at_once(tmp_path):
+def check_ctrl_c(tmp_path, points):
   env = cached_env(tmp_path / 'xla_cache')  # The runs compile once, and still match bit for bit.
   clean = run_cli(*digits_args(tmp_path / 'clean'), env=env)
   assert clean.returncode == 0, clean.stderr[-3000:]
   want = final_state(tmp_path / 'clean')
-  # While loading the data, after a progress line, right after an evaluation.
-  for i, point in enumerate(['Loaded digits', 'step 6/33', 'test accuracy']):
+  for i, point in enumerate(points):
     workdir = tmp_path / f'int{i}'
     stopped = interrupt(workdir, point, env)
     assert stopped.returncode == train.EXIT_INTERRUPTED, (point, stopped.stderr[-3000:])
@@ -172,6 +170,19 @@ def test_ctrl_c_saves_the_step_and_resumes_bit_for_bit_a_second_stops_at_once(tm
   assert 'Stopped at once by a second Ctrl-C' in last_line(stopped.stderr), stopped.stderr[-3000:]
   assert run_cli(*digits_args(workdir), env=env).returncode == 0
   chex.assert_trees_all_equal(final_state(workdir), want)
+
+
+# The default suite presses Ctrl-C after a progress line (SIGTERM, the same stop flag, is tested before the first
+# step and after an evaluation in tests/test_train.py); the opt-in run also presses it while the data loads and
+# right after an evaluation.
+@pytest.mark.slow
+def test_ctrl_c_saves_the_step_and_resumes_bit_for_bit_a_second_stops_at_once(tmp_path):
+  check_ctrl_c(tmp_path, ['step 6/33'])
+
+
+@pytest.mark.long
+def test_ctrl_c_at_every_point(tmp_path):
+  check_ctrl_c(tmp_path, ['Loaded digits', 'step 6/33', 'test accuracy'])
 
 
 def test_an_evaluation_interrupted_at_a_checkpoint_is_redone_on_resume(finished, tmp_path):
@@ -203,6 +214,7 @@ def small_disk(folder: pathlib.Path, size: str):
     subprocess.run(['umount', '-l', str(folder)], check=False)
 
 
+@pytest.mark.slow  # CLI runs.
 def test_a_full_disk_at_a_checkpoint_is_one_line_and_removes_the_partial_step(tmp_path):
   with small_disk(tmp_path / 'disk', '3m') as disk:
     workdir = disk / 'run'
@@ -261,6 +273,7 @@ def test_a_failed_write_is_one_line_naming_the_folder_simulated(tmp_path, monkey
                                                     'on device (') and 'Checkpoint step 11' in message, message
 
 
+@pytest.mark.slow  # CLI runs.
 def test_a_read_only_workdir_refuses_training_and_evaluates_without_writing(finished, tmp_path):
   with small_disk(tmp_path / 'disk', '8m') as disk:
     workdir = disk / 'run'
@@ -293,6 +306,7 @@ def test_eval_says_it_could_not_write_eval_json_simulated(finished, tmp_path, mo
 
 # -------------------------------------------------------------------------------------------- config.json
 
+@pytest.mark.slow  # CLI runs.
 def test_a_damaged_config_json_is_one_line_naming_the_file_and_the_copy_that_restores_it(finished, tmp_path):
   workdir = copy_run(finished, tmp_path)
   saved = workdir / 'config.json'

@@ -21,9 +21,6 @@ from helpers import HANG_GUARD_S, ROOT, cached_env, subprocess_env
 NOTEBOOKS = {name: str(ROOT / 'notebooks' / f'{name}.ipynb')
              for name in ('evaluate', 'generate', 'language', 'training_curves')}
 CELL_TIMEOUT_S = HANG_GUARD_S
-# At this size a CPU spends its time compiling; cheaper LLVM settings roughly halve that (numerics don't matter).
-FAST_ENV = {'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '2',
-            'XLA_FLAGS': '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'}
 
 # Both tiny runs in one process (one JAX start-up). Fewer, larger steps than testing.py's defaults: the same
 # compiled functions, fewer host round trips; an evaluation every half epoch gives the curves several points.
@@ -89,8 +86,8 @@ def text(nb) -> str:
 def test_notebooks_execute_and_draw(tmp_path):
   # One persistent XLA cache for training and the kernels: the notebooks' evaluation at the run's own settings
   # finds what training's evaluation compiled. (Not for the benchmark: it times compiles.)
-  bench_env = subprocess_env(**FAST_ENV)
-  env = cached_env(tmp_path / 'xla_cache', **FAST_ENV)
+  bench_env = subprocess_env()
+  env = cached_env(tmp_path / 'xla_cache')
   dblock, vit = str(tmp_path / 'dblock'), str(tmp_path / 'vit')
   bench_json, bench_log = str(tmp_path / 'bench.json'), str(tmp_path / 'bench.log')
   bench_args = [sys.executable, '-m', 'diffblocks_jax.tools.bench', '--suite=tiny', f'--json={bench_json}',
@@ -154,8 +151,9 @@ train.train_and_evaluate(config, dit_workdir)
 
 
 @pytest.mark.slow
+@pytest.mark.long  # Opt-in: the default suite runs the classification notebooks (time budget).
 def test_generate_notebook_executes_and_draws(tmp_path):
-  env = cached_env(tmp_path / 'xla_cache', **FAST_ENV)
+  env = cached_env(tmp_path / 'xla_cache')
   classifier, dit = str(tmp_path / 'vit'), str(tmp_path / 'dit_dblock')
   check_process([sys.executable, '-c', GENERATE_TRAIN_SCRIPT, classifier, dit], str(tmp_path / 'train.log'), env,
                 timeout=HANG_GUARD_S)
@@ -199,8 +197,9 @@ for name, workdir in zip(('text_mdm', 'text_mdm_dblock'), workdirs):
 
 
 @pytest.mark.slow
+@pytest.mark.long  # Opt-in: the default suite runs the classification notebooks (time budget).
 def test_language_notebook(tmp_path):
-  env = cached_env(tmp_path / 'xla_cache', **FAST_ENV)
+  env = cached_env(tmp_path / 'xla_cache')
   mdm, dblock = str(tmp_path / 'text_mdm'), str(tmp_path / 'text_mdm_dblock')
   check_process([sys.executable, '-c', LANGUAGE_TRAIN_SCRIPT, str(tmp_path / 'corpus.txt'), mdm, dblock],
                 str(tmp_path / 'train.log'), env, timeout=HANG_GUARD_S)
