@@ -14,14 +14,11 @@ def cnn(kind: str):
   """The digits CNN pair's shared fields: the digits setting (`common.digits`) with the CNN's sizes."""
   config = common.digits(kind)
   # Stem: a 2x2, stride-2 convolution, so the layers work on 4x4 maps (the 8x8 maps of a 1x1 stem cost 4x the
-  # time per step on the CPU: 0.12 s against 0.03 s for a batch of 64).
+  # time per step on the CPU).
   config.model.patch_size = 2
   config.model.hidden_size = 32  # Channels of every conv layer; also the label embedding's width.
   config.model.num_layers = 6  # B = 3 blocks of 2 for DiffusionBlocks.
   config.model.mlp_dim = 64  # The head's fully connected layer.
-  # One step per compiled call: XLA's CPU backend runs these convolutions ~12x slower inside a lax.scan (22 steps:
-  # 9.7 s scanned, 0.8 s as 22 calls, measured here). On a GPU the default fused calls are the faster.
-  config.train.steps_per_call = 1
   return config
 
 
