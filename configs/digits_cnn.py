@@ -4,7 +4,8 @@ stack); minutes on a CPU.
 
   python -m diffblocks_jax.main --config=configs/digits_cnn.py --workdir=workdirs/digits_cnn
 
-Reached: see docs/results.md, "A convolutional stack".
+Reached (test split, seeds 0, 1, 2): 98.9 / 100.0 / 99.4 % (99.4 ± 0.6 %; docs/results.md, "A convolutional
+stack").
 """
 
 from configs import common

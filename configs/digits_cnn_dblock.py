@@ -7,7 +7,8 @@ classification recipe validated on digits (`common.tuned`); minutes on a CPU.
 Equal layer-updates: the baseline's epochs, times B (train.scale_epochs_by_blocks): each step trains one block of
 2 layers instead of 6.
 
-Reached: see docs/results.md, "A convolutional stack".
+Reached (test split, seeds 0, 1, 2): 98.6 / 98.1 / 96.9 % (97.9 ± 0.9 %; the CNN: 99.4 ± 0.6 %; docs/results.md,
+"A convolutional stack").
 """
 
 from configs import common
