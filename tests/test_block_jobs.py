@@ -110,6 +110,15 @@ def test_block_jobs_merge_to_the_block_parallel_run(tmp_path):
   assert r['merged_devices'] == [0, 1, 2]  # Restored in the block-parallel placement.
   with open(merged / 'config.json') as f:
     assert json.load(f)['train']['blocks'] == []
+  # Read back here, on one device (fewer than B): the blocks unsharded, the same accuracy.
+  from diffblocks_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from diffblocks_jax.tasks import classification  # pylint: disable=g-import-not-at-top
+  from diffblocks_jax.training import experiment  # pylint: disable=g-import-not-at-top
+  exp, state = experiment.load_trained(config_lib.load_workdir(str(merged)), str(merged))
+  assert int(state.step) == STEPS and not exp.config.parallel_blocks
+  assert classification.evaluate_params(exp, state.params) == pytest.approx(r['reference']['eval/accuracy'])
+  with pytest.raises(config_lib.ConfigError, match='is a block job'):
+    experiment.load_trained(config_lib.load_workdir(str(tmp_path / 'job0')), str(tmp_path / 'job0'))
 
 
 # ---------------------------------------------------------------------------- a job's shapes; refused block lists
