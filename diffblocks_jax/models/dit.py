@@ -136,7 +136,8 @@ class DiffusionBlocksDiT(blocks.DiffusionBlocks):
                sigma_data: float = 0.5, dtype=jnp.float32, stack: bool | None = None):
     super().__init__(lambda r: DiTLayer(cfg, dtype, r), layer_counts,
                      make_outer=_parts(cfg, image_size, channels, num_classes, sigma_data, dtype),
-                     independent=cfg.independent_blocks, rngs=rngs, stack=stack, remat=cfg.remat, weight_tied=cfg.weight_tied)
+                     independent=cfg.independent_blocks, rngs=rngs, stack=stack, remat=cfg.remat,
+                     weight_tied=cfg.weight_tied)
 
   def denoise(self, labels, x_t, sigmas, block, *, key: jax.Array | None = None) -> jax.Array:
     return super().denoise(labels, x_t, sigmas, block=block, key=key)

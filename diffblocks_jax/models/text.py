@@ -278,7 +278,8 @@ class DiffusionBlocksMaskedDiT(blocks.DiffusionBlocks):
                stack: bool | None = None):
     super().__init__(_llama(cfg, dtype, True), layer_counts,
                      make_outer=_masked_parts(cfg, vocab_size, seq_len, dtype),
-                     independent=cfg.independent_blocks, rngs=rngs, stack=stack, remat=cfg.remat, weight_tied=cfg.weight_tied)
+                     independent=cfg.independent_blocks, rngs=rngs, stack=stack, remat=cfg.remat,
+                     weight_tied=cfg.weight_tied)
 
   def denoise(self, x_t, t, block, *, key: jax.Array | None = None) -> jax.Array:
     return super().denoise(x_t, t, block=block, key=key)
@@ -308,7 +309,8 @@ class DiffusionBlocksAR(blocks.DiffusionBlocks):
                dtype=jnp.float32, stack: bool | None = None):
     super().__init__(_llama(cfg, dtype, True), layer_counts,
                      make_outer=_ar_diffusion_parts(cfg, vocab_size, seq_len, sigma_data, dtype),
-                     independent=cfg.independent_blocks, rngs=rngs, stack=stack, remat=cfg.remat, weight_tied=cfg.weight_tied)
+                     independent=cfg.independent_blocks, rngs=rngs, stack=stack, remat=cfg.remat,
+                     weight_tied=cfg.weight_tied)
 
   def embedding_table(self, block=0) -> jax.Array:
     """The raw rows (V, hidden) that block `block` embeds clean tokens with (its own copy when independent)."""
