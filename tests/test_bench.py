@@ -65,7 +65,6 @@ def check_records(records: list[dict]) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_tiny_suite_command_line(tmp_path):
   out = tmp_path / 'bench.json'
   env = subprocess_env()
@@ -88,6 +87,7 @@ def _step_temp(kind: str, num_blocks: int = 1) -> int:
   return bench.step_memory(exp, compiler_options=FAST_COMPILE)['temp_bytes']
 
 
+@pytest.mark.slow  # Compiles several training steps.
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='figures checked on the CPU compiler')
 def test_block_step_needs_a_fraction_of_the_baseline_temp_memory():
   baseline = _step_temp('vit')
@@ -97,6 +97,7 @@ def test_block_step_needs_a_fraction_of_the_baseline_temp_memory():
   assert baseline > dblock[2] > dblock[3] > dblock[6], (dblock, baseline)
 
 
+@pytest.mark.slow  # Compiles several training steps.
 def test_generation_rows_train_and_sample_both_models():
   """A tiny DiT setting: training rows of both models and the 50-step sampler's rows (no speed asserted)."""
   config = bench.suite_config('float32', batch=8, hidden_size=16, num_heads=2, num_layers=3, num_blocks=3)

@@ -18,7 +18,8 @@ from diffblocks_jax import config as config_lib
 from diffblocks_jax import models
 from diffblocks_jax.core import blocks
 from diffblocks_jax.models import cnn
-from helpers import TINY_DIMS, cached_env, run_cli, shipped_config, tiny_config
+from diffblocks_jax.training import reporting
+from helpers import TINY_DIMS, shipped_config, tiny_config
 
 N = 4
 SIGMAS = np.array([0.01, 0.3, 1.0, 10.0], np.float32)
@@ -300,29 +301,24 @@ def test_shipped_configs_validate_and_pair_up():
           paper.train.num_epochs) == (3, 0.1, 1e-4, 128, 1000)
 
 
-# --- one short run through the command line ---
+# --- one short run: train, resume, evaluate ---
 
 @pytest.mark.slow
-def test_cli_trains_resumes_and_evaluates_on_digits(tmp_path):
-  workdir = tmp_path / 'run'
-  env = cached_env(tmp_path / 'xla_cache')  # The three runs compile once.
-  flags = ['--config=configs/digits_cnn_dblock.py', f'--workdir={workdir}', '--config.model.hidden_size=8',
-           '--config.model.num_layers=3', '--config.model.mlp_dim=8', '--config.train.batch_size=256',
-           '--config.train.log_every_steps=5', '--config.train.checkpoint_every_steps=15',
-           '--config.train.eval_every_epochs=0', '--config.eval.batch_size=360']
-  proc = run_cli(*flags, '--config.train.num_epochs=1', env=env)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  with open(workdir / 'metrics.jsonl') as f:
-    assert max(json.loads(line)['step'] for line in f) == 15  # 1437 // 256 = 5 steps per epoch, x B = 3.
-  proc = run_cli(*flags, '--config.train.num_epochs=2', env=env)  # The same command, longer: resumes.
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert 'Resumed from' in proc.stderr and 'at step 15 of 30' in proc.stderr
-  proc = run_cli(*flags, '--config.train.num_epochs=2', '--mode=eval', env=env)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  result = json.load(open(workdir / 'eval.json'))
-  assert result['step'] == 30 and 0.0 <= result['eval/accuracy'] <= 1.0
-  with open(workdir / 'metrics.jsonl') as f:
-    trained = [json.loads(line) for line in f]
-  final = [r['eval/accuracy'] for r in trained if 'eval/accuracy' in r]
-  assert final and result['eval/accuracy'] == pytest.approx(final[-1])  # --mode=eval scores what training did.
+def test_trains_resumes_and_evaluates_on_digits(tmp_path):
+  """In-process, as the CLI calls it (the CLI itself: tests/test_main.py, tests/test_failures.py)."""
+  from diffblocks_jax.training import evaluation, train  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'run')
+
+  def config(epochs):
+    return shipped_config('digits_cnn_dblock.py', model__hidden_size=8, model__num_layers=3, model__mlp_dim=8,
+                          train__batch_size=256, train__log_every_steps=5, train__checkpoint_every_steps=15,
+                          train__eval_every_epochs=0.0, eval__batch_size=360, train__num_epochs=epochs)
+
+  first = train.train_and_evaluate(config(1), workdir)
+  assert first['step'] == 15  # 1437 // 256 = 5 steps per epoch, x B = 3.
+  resumed = train.train_and_evaluate(config(2), workdir)  # The same run, longer: resumes at step 15.
+  trained = [r['step'] for r in reporting.read_metrics(workdir) if 'train/loss' in r]
+  assert resumed['step'] == 30 and trained == sorted(set(trained)) and trained[-1] == 30  # No step trained twice.
+  evaluated, _ = evaluation.evaluate(config(2), workdir)
+  assert evaluated['step'] == 30 and evaluated['eval/accuracy'] == pytest.approx(resumed['eval/accuracy'])
   assert json.load(open(os.path.join(workdir, 'config.json')))['model']['kind'] == 'cnn_dblock'

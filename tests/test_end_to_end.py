@@ -26,7 +26,8 @@ def checkpoint_steps(workdir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('name', ['cifar100_dblock.py', 'cifar100_vit.py'])
+@pytest.mark.parametrize('name', ['cifar100_dblock.py',
+                                  pytest.param('cifar100_vit.py', marks=pytest.mark.long)])  # Time budget.
 def test_cifar100_train_eval_resume_under_mock_data(tmp_path, name):
   workdir = str(tmp_path)
   with tfds.testing.mock_data(num_examples=16):
@@ -91,6 +92,7 @@ def test_cli_corrupt_latest_checkpoint_falls_back_and_loses_nothing(tmp_path):
   assert os.path.isdir(latest)  # Reported, never deleted.
 
 
+@pytest.mark.slow
 def test_tinyimagenet_config_trains_from_a_folder_in_its_layout(tmp_path):
   """The Tiny-ImageNet config's data side as shipped (folder layout, RandomResizedCrop, flip, ImageNet
   statistics); the model cut to a CPU size, which is not what this test is about."""

@@ -26,6 +26,9 @@ from diffblocks_jax.training import checkpointing, evaluation, experiment, paths
 from helpers import HANG_GUARD_S, ROOT, cached_env, cli_command, run_cli, shipped_config
 
 
+# Trainings and CLI runs: the full suite, not the quick tier.
+pytestmark = pytest.mark.slow
+
 def tiny_config(**train):
   """digits, a one-layer ViT: 11 steps an epoch, a checkpoint and an evaluation at each."""
   config = shipped_config('digits_vit.py')
@@ -175,7 +178,6 @@ def check_ctrl_c(tmp_path, points):
 # The default suite presses Ctrl-C after a progress line (SIGTERM, the same stop flag, is tested before the first
 # step and after an evaluation in tests/test_train.py); the opt-in run also presses it while the data loads and
 # right after an evaluation.
-@pytest.mark.slow
 def test_ctrl_c_saves_the_step_and_resumes_bit_for_bit_a_second_stops_at_once(tmp_path):
   check_ctrl_c(tmp_path, ['step 6/33'])
 
@@ -214,7 +216,6 @@ def small_disk(folder: pathlib.Path, size: str):
     subprocess.run(['umount', '-l', str(folder)], check=False)
 
 
-@pytest.mark.slow  # CLI runs.
 def test_a_full_disk_at_a_checkpoint_is_one_line_and_removes_the_partial_step(tmp_path):
   with small_disk(tmp_path / 'disk', '3m') as disk:
     workdir = disk / 'run'
@@ -273,7 +274,6 @@ def test_a_failed_write_is_one_line_naming_the_folder_simulated(tmp_path, monkey
                                                     'on device (') and 'Checkpoint step 11' in message, message
 
 
-@pytest.mark.slow  # CLI runs.
 def test_a_read_only_workdir_refuses_training_and_evaluates_without_writing(finished, tmp_path):
   with small_disk(tmp_path / 'disk', '8m') as disk:
     workdir = disk / 'run'
@@ -306,7 +306,6 @@ def test_eval_says_it_could_not_write_eval_json_simulated(finished, tmp_path, mo
 
 # -------------------------------------------------------------------------------------------- config.json
 
-@pytest.mark.slow  # CLI runs.
 def test_a_damaged_config_json_is_one_line_naming_the_file_and_the_copy_that_restores_it(finished, tmp_path):
   workdir = copy_run(finished, tmp_path)
   saved = workdir / 'config.json'

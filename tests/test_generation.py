@@ -162,6 +162,7 @@ def test_karras_grid_endpoints_and_shape():
   np.testing.assert_allclose(np.diff(levels**(1 / 7)), np.full(6, (0.002**(1 / 7) - 80**(1 / 7)) / 6), rtol=1e-9)
 
 
+@pytest.mark.slow
 def test_guidance_is_uncond_plus_scale_times_difference():
   model = jitter(build(tiny_config('dit_dblock')))
   task = generation.Generation(num_classes=4, image_shape=SHAPE)
@@ -299,7 +300,7 @@ def test_classifier_workdir_errors_name_the_field(tmp_path):
   with pytest.raises(config_lib.ConfigError, match=r'config.eval.classifier_workdir=.*missing.*config.json'):
     generation.load_classifier(judged_by(config))
   for kind, name, match in (('dit', 'cifar10', "holds a 'dit' run; the features come from an end-to-end "
-                                                "classifier \\(model.kind 'vit'\\)"), ('vit', 'cifar100', 'other data')):
+                                                "classifier \\(model.kind 'vit' or 'cnn'\\)"), ('vit', 'cifar100', 'other data')):
     other = shipped_config('cifar10_vit.py')
     other.model.kind, other.data.name = kind, name
     os.makedirs(tmp_path / kind, exist_ok=True)

@@ -4,6 +4,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from diffblocks_jax.core import optim, steps
 from diffblocks_jax.tasks import classification
@@ -19,6 +20,7 @@ def test_drop_class_zeroes_whole_images_at_the_given_rate():
   assert classification.Classification().drop_condition(jax.random.key(1), images, 0.0) is images
 
 
+@pytest.mark.slow
 def test_training_with_class_dropout_and_guided_evaluation(tiny_config, tiny_model, tiny_batch, jitter_params):
   config = tiny_config('dblock', diffusion__class_dropout_prob=0.5, eval__cfg_scale=2.0)
   _, graphdef, params = tiny_model(config)

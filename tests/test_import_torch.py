@@ -262,6 +262,7 @@ def test_lightning_checkpoint_without_torch_says_what_to_do(tmp_path):
     import_torch.load_state_dict(str(tmp_path / 'last.ckpt'))
 
 
+@pytest.mark.slow  # A CLI run.
 def test_cli_writes_step_zero_once(tmp_path):
   np.savez(tmp_path / 'w.npz', **release_state_dict('dblock'))
   overrides = [f'--config.model.{k}={v}' for k, v in dict(
@@ -329,6 +330,7 @@ import_torch.import_checkpoint(sys.argv[2], small_config('dblock'), sys.argv[3])
 """
 
 
+@pytest.mark.slow  # Subprocesses.
 def test_a_killed_import_does_not_block_the_retry(tmp_path):
   from diffblocks_jax.training import checkpointing
   path, workdir = _saved(tmp_path, release_state_dict('dblock')), tmp_path / 'run'

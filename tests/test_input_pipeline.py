@@ -94,6 +94,7 @@ except input_pipeline.DataError as e:
 """
 
 
+@pytest.mark.slow
 def test_tfds_prepared_array_record_and_tfrecord(tmp_path):
   # Real prepared files: batched array_record reads, and the TensorFlow fallback for tfrecord.
   result = subprocess.run([sys.executable, '-c', _PREPARED_CODE, str(tmp_path)], cwd=ROOT, capture_output=True,

@@ -49,6 +49,7 @@ def test_a_killed_holder_leaves_no_lock(tmp_path):
     pass
 
 
+@pytest.mark.slow  # A CLI run.
 def test_cli_refuses_a_busy_workdir_with_one_message(tmp_path):
   proc = hold_in_subprocess(tmp_path)
   try:

@@ -87,6 +87,7 @@ def test_a_saved_run_takes_overrides_of_fields_it_predates(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- subprocesses
 
+@pytest.mark.slow  # CLI runs.
 def test_cli_config_mistakes_print_one_line_and_create_nothing(tmp_path):
   workdir = tmp_path / 'w'
   assert_one_message(run_cli(*TINY, f'--workdir={workdir}', '--config.optim.lrr=5e-4'),
@@ -113,6 +114,7 @@ def test_cli_trains_quietly_then_evaluates_from_the_workdir_config(tmp_path):
   assert result['step'] == 22 and result['eval/accuracy'] == pytest.approx(trained), (result, trained)
 
 
+@pytest.mark.slow  # CLI runs.
 def test_cli_eval_of_a_workdir_without_a_run_creates_nothing(tmp_path):
   empty = tmp_path / 'empty'
   empty.mkdir()
@@ -122,6 +124,7 @@ def test_cli_eval_of_a_workdir_without_a_run_creates_nothing(tmp_path):
   assert os.listdir(empty) == []
 
 
+@pytest.mark.slow  # CLI runs.
 def test_cli_missing_tfds_data_says_what_to_do(tmp_path):
   proc = run_cli('--config=configs/cifar100_dblock.py', f'--workdir={tmp_path / "w"}',
                  f'--config.data.tfds_data_dir={tmp_path / "empty"}', '--config.data.tfds_download=False')

@@ -9,7 +9,6 @@ activations of a model whose activations dominate). Every row, and the check aga
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -27,7 +26,6 @@ from diffblocks_jax.tools import memory
 from diffblocks_jax.training import experiment, sharding, train
 from helpers import ROOT, subprocess_env, tiny_config
 
-LONG = os.environ.get('DIFFBLOCKS_LONG_TESTS') == '1'
 
 
 @pytest.fixture(scope='module')
@@ -44,6 +42,7 @@ def experiment_of(config, data):
   return experiment.experiment_from_data(config, data, mesh=sharding.make_mesh(config, jax.local_devices()[:1]))
 
 
+@pytest.mark.slow  # Compiles a step of every kind.
 @pytest.mark.parametrize('kind', list(registry.KINDS))
 def test_every_kind_rematerialises_each_layer_its_step_runs(kind, datasets):
   """The traced training step (nothing compiled) holds one `jax.checkpoint` per layer it runs: every layer end
@@ -127,6 +126,7 @@ def activation_bound_config(num_layers: int = 6):
                      model__hidden_size=32, model__mlp_dim=64, train__batch_size=64)
 
 
+@pytest.mark.slow  # Compiles a step of every kind.
 def test_end_to_end_rows_against_independent_counts(datasets):
   """The parameters are 4 bytes each, Adam holds two moments of each, the total holds the state and the
   temporaries, and remat keeps a fraction of the plain step's activations: each layer's input, not its insides
@@ -145,7 +145,7 @@ def test_end_to_end_rows_against_independent_counts(datasets):
   assert remat['total_bytes'] - remat['temp_bytes'] == e2e['total_bytes'] - e2e['temp_bytes']  # Same state.
 
 
-@pytest.mark.skipif(not LONG, reason='long: DIFFBLOCKS_LONG_TESTS=1')
+@pytest.mark.long
 def test_every_row_against_what_must_hold():
   """Every row of a 12-layer model: a block step (4 of 12 layers) keeps fewer activations than the whole depth's,
   remat fewer still; offload moves the block stacks to host memory; one block job holds one block."""
@@ -162,7 +162,7 @@ def test_every_row_against_what_must_hold():
   assert dblock['ratio'] == dblock['total_bytes'] / e2e['total_bytes']
 
 
-@pytest.mark.skipif(not LONG, reason='long: DIFFBLOCKS_LONG_TESTS=1')
+@pytest.mark.long
 @pytest.mark.parametrize('name', ['digits_dblock.py', 'digits_dit_dblock.py'])
 def test_planner_against_measured_peaks(name):
   """The planned total against the measured peak of one step on this CPU (`memory.measure_peak`, each row in its
