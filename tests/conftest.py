@@ -28,14 +28,11 @@ from helpers import HANG_GUARD_S, TINY_DIMS, tiny_config as make_tiny_config  # 
 
 _MODEL_CACHE = {}
 
-LONG_TESTS = os.environ.get('DIFFBLOCKS_LONG_TESTS') == '1'
-
-
 def pytest_collection_modifyitems(config, items):
   """Tests marked `long` (trainings to a target, every kill point, every notebook) run only with
   DIFFBLOCKS_LONG_TESTS=1: the default suite has a time budget on two cores (docs/testing.md)."""
   del config
-  if LONG_TESTS:
+  if helpers.LONG_TESTS:
     return
   skip = pytest.mark.skip(reason='long: run with DIFFBLOCKS_LONG_TESTS=1 (docs/testing.md)')
   for item in items:

@@ -5,6 +5,7 @@ subprocess (with a shared persistent XLA cache when asked), and the config build
   HANG_GUARD_S                          how long a subprocess may run before a test calls it hung
   cli_command(*args) -> list[str]       `python -m diffblocks_jax.main ARGS` (for Popen)
   run_cli(*args, env=None, cwd=ROOT)    runs it to the end: a CompletedProcess with stdout and stderr as text
+  LONG_TESTS                            DIFFBLOCKS_LONG_TESTS=1: the opt-in tests run (marker `long`)
   FAST_XLA_FLAGS, xla_flags(flags)     XLA's cheaper CPU compilation, on in every test process and subprocess
   subprocess_env(**extra)               os.environ on the CPU, quiet TensorFlow, no traceback override
   cached_env(cache_dir, **extra)        the same with one persistent XLA cache shared by the runs that get it
@@ -40,6 +41,10 @@ TINY_DIMS = dict(image_size=8, channels=3, num_classes=5)
 # diffblocks_jax.cli.TRACEBACK_ENV (named here so that a subprocess test need not import the CLI; test_main.py
 # checks that the two agree).
 TRACEBACK_ENV = 'DIFFBLOCKS_TRACEBACK'
+
+
+# The opt-in long tests (marked `long`, skipped otherwise by conftest.py): trainings to a target, every kill point.
+LONG_TESTS = os.environ.get('DIFFBLOCKS_LONG_TESTS') == '1'
 
 
 # At the tests' sizes a CPU spends its time compiling, not computing: XLA's cheaper CPU settings roughly halve a

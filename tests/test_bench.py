@@ -65,6 +65,7 @@ def check_records(records: list[dict]) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.long  # The notebooks test runs the same command by default (its JSON feeds evaluate.ipynb).
 def test_tiny_suite_command_line(tmp_path):
   out = tmp_path / 'bench.json'
   env = subprocess_env()
@@ -97,7 +98,8 @@ def test_block_step_needs_a_fraction_of_the_baseline_temp_memory():
   assert baseline > dblock[2] > dblock[3] > dblock[6], (dblock, baseline)
 
 
-@pytest.mark.slow  # Compiles several training steps.
+@pytest.mark.slow
+@pytest.mark.long  # Compiles five steps; the classification rows are checked by default.
 def test_generation_rows_train_and_sample_both_models():
   """A tiny DiT setting: training rows of both models and the 50-step sampler's rows (no speed asserted)."""
   config = bench.suite_config('float32', batch=8, hidden_size=16, num_heads=2, num_layers=3, num_blocks=3)
