@@ -53,6 +53,7 @@ def test_cifar100_train_eval_resume_under_mock_data(tmp_path, name):
   assert os.listdir(os.path.join(workdir, 'tensorboard'))
 
 
+@pytest.mark.long  # Time budget: test_resume.py moves a diverged step aside.
 @pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   workdir = str(tmp_path)
@@ -126,6 +127,7 @@ def test_tinyimagenet_config_trains_from_a_folder_in_its_layout(tmp_path):
   assert evaluation.evaluate(config, str(tmp_path / 'workdir'))[0]['eval/accuracy'] == pytest.approx(result['eval/accuracy'])
 
 
+@pytest.mark.long  # Time budget: test_steps.py checks offloaded updates.
 @pytest.mark.slow
 def test_offloaded_blocks_train_resume_and_evaluate_like_resident_ones(tmp_path):
   """`train.offload_idle_blocks` through the whole loop: checkpoints from host memory, resume into host memory,

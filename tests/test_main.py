@@ -97,6 +97,7 @@ def test_cli_config_mistakes_print_one_line_and_create_nothing(tmp_path):
   assert not workdir.exists()
 
 
+@pytest.mark.long  # Time budget: the CLI trains in test_train.py, evaluates in test_failures.py.
 @pytest.mark.slow  # A training and an evaluation through the CLI.
 def test_cli_trains_quietly_then_evaluates_from_the_workdir_config(tmp_path):
   workdir = tmp_path / 'run'

@@ -82,6 +82,7 @@ def text(nb) -> str:
   return '\n'.join(o.get('text', '') or o.get('data', {}).get('text/plain', '') for o in outputs(nb))
 
 
+@pytest.mark.long  # Time budget: opt-in with the other notebooks.
 @pytest.mark.slow
 def test_notebooks_execute_and_draw(tmp_path):
   # One persistent XLA cache for training and the kernels: the notebooks' evaluation at the run's own settings

@@ -97,6 +97,7 @@ def test_three_blocks_on_three_devices(tmp_path):
   assert r['round_trip_equal']
 
 
+@pytest.mark.slow
 def test_parallel_step_equals_each_block_trained_alone(tiny_config, tiny_model, tiny_batch, jitter_params):
   """The vmapped all-blocks step updates block b exactly as the sequential step fixed to b (rng folded by b)."""
   import jax  # pylint: disable=g-import-not-at-top

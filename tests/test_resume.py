@@ -29,6 +29,7 @@ def steps_in(workdir):
     return ckpt.all_steps()
 
 
+@pytest.mark.slow  # Trainings.
 def test_changed_config_is_refused_and_config_json_kept(tmp_path):
   workdir = str(tmp_path)
   train.train_and_evaluate(tiny(), workdir)
@@ -75,6 +76,7 @@ def test_diverged_checkpoint_is_moved_aside_and_a_named_step_resumes(tmp_path):
   assert logged == sorted(set(logged))  # The superseded records left metrics.jsonl.
 
 
+@pytest.mark.slow  # Trainings.
 def test_rerun_finishes_a_missing_final_evaluation_or_says_finished(tmp_path):
   workdir = str(tmp_path)
   first = train.train_and_evaluate(tiny(), workdir)
@@ -92,6 +94,7 @@ def test_rerun_finishes_a_missing_final_evaluation_or_says_finished(tmp_path):
   assert os.path.getsize(os.path.join(workdir, 'metrics.jsonl')) == size
 
 
+@pytest.mark.slow  # Trainings.
 def test_failed_asynchronous_save_is_reported_at_the_next_call(tmp_path, monkeypatch):
   from orbax.checkpoint._src.path import atomicity  # pylint: disable=g-import-not-at-top
   finalize = atomicity.AtomicRenameTemporaryPath.finalize

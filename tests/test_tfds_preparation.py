@@ -83,6 +83,7 @@ np.savez(out, train_images=data.train_images, train_labels=data.train_labels, te
 """ % CIFAR100_URL
 
 
+@pytest.mark.long  # Time budget.
 @pytest.mark.slow
 def test_download_prepare_and_train_from_a_tiny_cifar100_archive(tmp_path):
   archive, data_dir, workdir = tmp_path / 'cifar-100-binary.tar.gz', tmp_path / 'tfds', tmp_path / 'run'
