@@ -16,10 +16,10 @@ import jax
 import pytest
 
 from diffblocks_jax.training import sharding, experiment
-from diffblocks_jax.tools import bench
+from diffblocks_jax.tools import bench, memory
 from helpers import HANG_GUARD_S, subprocess_env
 
-FAST_COMPILE = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
+FAST_COMPILE = memory.FAST_COMPILE  # The planner's cheaper CPU compilation (one definition).
 
 RECORD_FIELDS = {
     'config', 'note', 'variant', 'phase', 'model_kind', 'block', 'dtype', 'batch', 'image_size', 'channels',

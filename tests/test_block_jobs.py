@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 from helpers import HANG_GUARD_S, ROOT, cached_env, run_cli, tiny_config
 
-FAST_COMPILE = '--xla_backend_optimization_level=0'  # Compile time dominates tiny runs on a CPU.
 # The jobs' parameters against the block-parallel run's: not bit-exact. XLA compiles the block update vmapped
 # over 3 rows (partitioned over 3 devices) and over 1 row (a job) into programs whose reductions round
 # differently (2e-10 in the head's kernel after one step); over 44 steps that grows to at most 2e-7 (measured),
@@ -86,10 +85,10 @@ def test_block_jobs_merge_to_the_block_parallel_run(tmp_path):
   reference = subprocess.Popen(  # pylint: disable=consider-using-with
       script + ['reference', str(tmp_path), str(report)], cwd=ROOT, stdout=subprocess.PIPE,
       stderr=subprocess.PIPE, text=True,
-      env=cached_env(cache, XLA_FLAGS=f'--xla_force_host_platform_device_count=3 {FAST_COMPILE}'))
+      env=cached_env(cache, XLA_FLAGS='--xla_force_host_platform_device_count=3'))
   try:
     jobs = subprocess.run(script + ['jobs', str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                          env=cached_env(cache, XLA_FLAGS=FAST_COMPILE), timeout=HANG_GUARD_S, check=False)
+                          env=cached_env(cache), timeout=HANG_GUARD_S, check=False)
     assert jobs.returncode == 0, jobs.stderr[-6000:]
     merged = tmp_path / 'merged'
     sources = ','.join(str(tmp_path / f'job{b}') for b in (2, 0, 1))  # Any order.

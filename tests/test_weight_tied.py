@@ -15,13 +15,13 @@ from diffblocks_jax import models
 from diffblocks_jax.core import blocks, optim, partitions, steps
 from diffblocks_jax.models import dblock
 from diffblocks_jax.tasks import classification
-from diffblocks_jax.tools import bench
+from diffblocks_jax.tools import bench, memory
 from diffblocks_jax.training import experiment, sharding
 from helpers import TINY_DIMS
 
 NUM_BLOCKS, BATCH = 3, 8
 # Compiling dominates on a CPU: a lower LLVM optimisation level compiles the steps faster, with the same numbers.
-FAST_COMPILE = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
+FAST_COMPILE = memory.FAST_COMPILE  # The planner's cheaper CPU compilation (one definition).
 
 
 def tile_rows(tree):
