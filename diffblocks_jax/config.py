@@ -6,6 +6,7 @@ model kind needs is read from the kind registry (tasks/registry.py), not restate
 """
 
 import math
+import os
 
 import ml_collections
 
@@ -115,6 +116,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   t.allow_config_change = False  # Resume although fields beyond run length, logging and evaluation changed.
   t.blocks = ()  # One job per block (docs/block_jobs.md): train only these blocks of the block-parallel run, e.g.
   # (0,) or (1, 2), with their data orders and draws; the other blocks are never built. () = every block.
+  t.init_from = ''  # Start from trained weights instead of random ones (a new run only; a resume reads its own
+  # checkpoint): a WORKDIR of this project (the same kind, or the end-to-end counterpart of a block-wise kind:
+  # `ar` into `ar_dblock`, `vit` into `dblock`), or 'hf:PATH' (a Hugging Face folder: config.json +
+  # *.safetensors). The optimizer starts afresh. docs/block_jobs.md, docs/finetune.md.
+  t.freeze_shared = False  # Keep the shared outer parts (embeddings, head) as train.init_from gave them: no
+  # gradient, no Adam state. What lets block jobs share those parts (docs/block_jobs.md).
 
   # --- evaluation (SPEC §7) ---
   c.eval = e = ml_collections.ConfigDict()
@@ -210,10 +217,34 @@ def _block_job_errors(config, blockwise: bool) -> list[str]:
   if config.model.num_blocks >= 1 and not all(0 <= b < num_blocks(config) for b in owned):
     errors.append(f'{field} names a block outside 0..{num_blocks(config) - 1} (config.model.num_blocks='
                   f'{config.model.num_blocks})')
-  if not config.parallel_blocks:  # (parallel_blocks without independent blocks is refused on its own, above.)
+  if not config.parallel_blocks:  # (parallel_blocks without independent or frozen parts is refused, above.)
     errors.append(f'{field} (a block job: the block-parallel run restricted to these blocks) needs '
-                  'config.model.independent_blocks=True (each block its own copy of the outer parts, so that no '
-                  'part is trained by two jobs) and config.parallel_blocks=True')
+                  f'config.parallel_blocks=True and {_NO_PART_TRAINED_TWICE}')
+  return errors
+
+
+# What block-parallel training and block jobs need, said once: no parameter may be trained by two blocks at once.
+_NO_PART_TRAINED_TWICE = (
+    'either config.model.independent_blocks=True (each block its own copy of the outer parts) or the shared outer '
+    'parts frozen from a trained run (config.train.init_from=WORKDIR and config.train.freeze_shared=True)')
+
+
+def _init_from_errors(config, blockwise: bool) -> list[str]:
+  """config.train.init_from and freeze_shared, as far as they can be checked without reading the source."""
+  t, m = config.train, config.model
+  errors = []
+  source = t.init_from  # Whether it exists is checked when a new run starts (training/initialisation.py).
+  if t.freeze_shared:
+    if not blockwise:
+      errors.append(f'config.train.freeze_shared=True needs a block-wise config.model.kind '
+                    f'{registry.kinds_where(lambda k: k.blockwise)}, got {m.kind!r} (an end-to-end model has no '
+                    'shared parts)')
+    elif m.independent_blocks:
+      errors.append('config.train.freeze_shared=True freezes the outer parts the blocks share; with '
+                    'config.model.independent_blocks=True every block has its own copy and none is shared')
+    if not source:
+      errors.append('config.train.freeze_shared=True would freeze randomly initialised outer parts: name the run '
+                    'to take them from, --config.train.init_from=WORKDIR')
   return errors
 
 
@@ -368,11 +399,14 @@ def validate(config, *, num_devices: int | None = None) -> None:
     if config.parallel_blocks:
       errors.append('config.model.weight_tied=True has one block to train, not B at once: set '
                     'config.parallel_blocks=False')
-  if config.parallel_blocks and (not blockwise or not m.independent_blocks or uneven):
+  if config.parallel_blocks and (not blockwise or uneven):
     errors.append(f'config.parallel_blocks=True needs a block-wise config.model.kind '
-                  f'{registry.kinds_where(lambda k: k.blockwise)}, config.model.independent_blocks=True and blocks '
-                  'of equal depth (the block axis is sharded)')
+                  f'{registry.kinds_where(lambda k: k.blockwise)} and blocks of equal depth (the block axis is '
+                  'sharded)')
+  elif config.parallel_blocks and not (m.independent_blocks or config.train.freeze_shared):
+    errors.append(f'config.parallel_blocks=True trains the blocks at once, so it needs {_NO_PART_TRAINED_TWICE}')
   errors += _block_job_errors(config, blockwise)
+  errors += _init_from_errors(config, blockwise)
   if config.train.offload_idle_blocks and (not blockwise or uneven or config.parallel_blocks):
     errors.append('config.train.offload_idle_blocks=True needs a block-wise config.model.kind with blocks of equal depth '
                   '(no uneven config.model.layers_per_block) and config.parallel_blocks=False')
@@ -456,7 +490,7 @@ CONFIG_COPY = ('config', 'metadata')  # Each checkpoint keeps the run's config i
 def read_saved(workdir: str) -> dict:
   """WORKDIR/config.json as a dict. A damaged file is a ConfigError naming it, where it is broken and the fix:
   the copy every checkpoint keeps (training/checkpointing.py), or the config file with allow_config_change."""
-  import glob, json, os  # pylint: disable=g-import-not-at-top,multiple-imports
+  import glob, json  # pylint: disable=g-import-not-at-top,multiple-imports
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} does not exist: is {workdir!r} the workdir of a training run?')

@@ -33,22 +33,32 @@ class TrainState:
   rng: jax.Array  # Raw uint32 key; step keys are fold_in(rng, step), so a resumed run redraws the same.
 
 
-def init_opt_state(params: PyTree) -> PyTree:
-  """End-to-end: one group. Blocks: 'shared' (if any) and the blocks (one count per block)."""
+def init_opt_state(params: PyTree, *, freeze_shared: bool = False) -> PyTree:
+  """End-to-end: one group. Blocks: 'shared' (if any, and not frozen) and the blocks (one count per block).
+
+  Frozen shared parts (config.train.freeze_shared) have no group: a step finds no Adam state for them and
+  neither differentiates nor updates them (`block_update`).
+  """
   if 'blocks' not in params:
     return optim.init_group(params)
   if blocks.is_stacked(params['blocks']):
     groups = {'blocks': optim.init_stacked_group(params['blocks'])}
   else:
     groups = {'blocks': {b: optim.init_group(p) for b, p in params['blocks'].items()}}
-  if 'shared' in params:
+  if 'shared' in params and not freeze_shared:
     groups['shared'] = optim.init_group(params['shared'])
   return groups
 
 
-def init_state(params: PyTree, seed: int) -> TrainState:
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=init_opt_state(params),
+def init_state(params: PyTree, seed: int, *, freeze_shared: bool = False) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=init_opt_state(params, freeze_shared=freeze_shared),
                     rng=jax.random.key_data(jax.random.key(seed)))
+
+
+def shared_is_frozen(state: TrainState) -> bool:
+  """Shared parts without an Adam group are frozen (`init_opt_state`): the state says it, no flag travels."""
+  return 'shared' in state.params and 'shared' not in state.opt_state
 
 
 def step_keys(state: TrainState, num: int):
@@ -83,10 +93,12 @@ def block_update(graphdef, task, partition, optim_config, schedule, placement=bl
 
   def update(state: TrainState, slice_b, inputs, targets, levels, noise_key, dropout_key):
     b = blocks.row_of(slice_b, blocks.num_blocks_of(state.params))  # The parameter row serving this slice.
-    part = blocks.take(state.params, b, placement)
+    whole = blocks.take(state.params, b, placement)
+    # Frozen shared parts are read, not differentiated: their gradient would be computed for nothing.
+    part = {'block': whole['block']} if shared_is_frozen(state) else whole
 
     def loss_fn(part):
-      params, index = blocks.model_params(state.params, part, b)
+      params, index = blocks.model_params(state.params, dict(whole, **part), b)
       model = nnx.merge(graphdef, params)
       x0 = task.target(model, targets, index)
       output = task.denoise(model, inputs, partition.corrupt(noise_key, x0, levels), levels, index, dropout_key)
@@ -150,8 +162,9 @@ def _at_block(update, b, state, *args):
 def make_parallel_step(graphdef, task, partition, optim_config, schedule, *, condition_dropout: float = 0.0,
                        block_ids=None):
   """Every block trains at once, each on its own noise range, data and draws: `block_update` vmapped over
-  the block axis of stacked, independent blocks (no shared parameters). Sharded `P('block')`, each device
-  group holds and updates one block and XLA partitions the vmapped step along that axis.
+  the block axis of stacked blocks, independent (no shared parameters) or sharing frozen outer parts (no Adam
+  state: config.train.freeze_shared), which every block reads and none updates. Sharded `P('block')`, each
+  device group holds and updates one block and XLA partitions the vmapped step along that axis.
 
   train_step(state, inputs, targets) takes inputs and targets with a leading block axis (one batch per block).
   Metrics are those of the sequential step averaged over blocks, plus `loss_block{b}`; `block` is -1 (all).
@@ -160,10 +173,11 @@ def make_parallel_step(graphdef, task, partition, optim_config, schedule, *, con
   """
   update = block_update(graphdef, task, partition, optim_config, schedule)
 
-  def one_block(b, rng, params_row, opt_row, step, inputs, targets):
+  def one_block(b, rng, params_row, opt_row, step, inputs, targets, frozen):
     # A one-block state (stack of 1) whose rng is folded with b: each block draws its own levels and noise.
     lift = lambda tree: jax.tree.map(lambda x: x[None], tree)
-    state = TrainState(step=step, params={'blocks': lift(params_row)}, opt_state={'blocks': lift(opt_row)},
+    params = {'blocks': lift(params_row), **({'shared': frozen} if frozen is not None else {})}
+    state = TrainState(step=step, params=params, opt_state={'blocks': lift(opt_row)},
                        rng=jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(rng), b)))
     level_key, noise_key, cond_key, dropout_key = step_keys(state, 4)
     batch_size = jax.tree.leaves(targets)[0].shape[0]
@@ -174,15 +188,17 @@ def make_parallel_step(graphdef, task, partition, optim_config, schedule, *, con
     return drop(state.params['blocks']), drop(state.opt_state['blocks']), metrics
 
   def train_step(state: TrainState, inputs, targets):
-    if set(state.params) != {'blocks'} or not blocks.is_stacked(state.params['blocks']):
-      raise ValueError('block-parallel training needs stacked, independent blocks (no shared parameters)')
+    if not blocks.is_stacked(state.params['blocks']) or ('shared' in state.params and
+                                                          not shared_is_frozen(state)):
+      raise ValueError('block-parallel training needs stacked blocks, independent or sharing frozen outer parts')
     ids = tuple(range(blocks.num_blocks_of(state.params))) if block_ids is None else tuple(block_ids)
-    params, opt, metrics = jax.vmap(one_block, in_axes=(0, None, 0, 0, None, 0, 0))(
+    params, opt, metrics = jax.vmap(one_block, in_axes=(0, None, 0, 0, None, 0, 0, None))(
         jnp.asarray(ids, jnp.int32), state.rng, state.params['blocks'], state.opt_state['blocks'], state.step,
-        inputs, targets)
+        inputs, targets, state.params.get('shared'))
     out = {k: jnp.mean(v) for k, v in metrics.items()}
     out.update({f'loss_block{b}': metrics['loss'][row] for row, b in enumerate(ids)})
     out['lr'], out['block'] = metrics['lr'][0], jnp.asarray(-1, jnp.int32)
-    return state.replace(step=state.step + 1, params={'blocks': params}, opt_state={'blocks': opt}), out
+    return state.replace(step=state.step + 1, params=dict(state.params, blocks=params),
+                         opt_state={'blocks': opt}), out
 
   return train_step

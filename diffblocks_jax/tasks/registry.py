@@ -97,6 +97,17 @@ def kinds_where(predicate: Callable[[Kind], bool]) -> tuple[str, ...]:
   return tuple(name for name, k in KINDS.items() if predicate(k))
 
 
+def counterpart(name: str) -> str | None:
+  """The kind of the same task and data whose `blockwise` differs ('vit' for 'dblock', 'dblock' for 'vit'),
+  preferring the one built from the same model module ('cnn' for 'cnn_dblock'); None if there is none."""
+  this = kind(name)
+  others = [n for n, k in KINDS.items() if k.task == this.task and k.data == this.data
+            and k.blockwise != this.blockwise]
+  module = this.model.partition(':')[0]
+  same_module = [n for n in others if KINDS[n].model.partition(':')[0] == module]
+  return (same_module or others or [None])[0]
+
+
 def task_module(name: str) -> ModuleType:
   """The task module of kind `name` (diffblocks_jax.tasks.<task>)."""
   return task_module_named(kind(name).task)

@@ -172,16 +172,13 @@ ROWS = (Row('end to end', False), Row('end to end + remat', False, remat=True),
 
 
 def paired_kinds(kind: str) -> dict[bool, str]:
-  """{blockwise: kind}: the config's kind and its counterpart, the kind of the same task and data whose
-  blockwise flag differs (the first such in tasks/registry.py's order: 'vit' for 'dblock', 'mdm' for
-  'mdm_dblock')."""
-  this = registry.kind(kind)
-  other = [name for name, k in registry.KINDS.items()
-           if k.task == this.task and k.data == this.data and k.blockwise != this.blockwise]
-  if not other:
+  """{blockwise: kind}: the config's kind and its counterpart (`registry.counterpart`: 'vit' for 'dblock', 'cnn'
+  for 'cnn_dblock')."""
+  this, other = registry.kind(kind), registry.counterpart(kind)
+  if other is None:
     raise config_lib.ConfigError(f'config.model.kind={kind!r} has no {"end-to-end" if this.blockwise else "block-wise"}'
                                  ' counterpart in tasks/registry.py to plan against')
-  return {this.blockwise: kind, not this.blockwise: other[0]}
+  return {this.blockwise: kind, not this.blockwise: other}
 
 
 def row_config(config, row: Row):

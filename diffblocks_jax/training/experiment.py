@@ -94,18 +94,20 @@ class Experiment:
     (`load_judge`)."""
     return load_judge(self.config, field, **checks)
 
-  def init_state(self) -> steps.TrainState:
-    """Real parameters, built directly in their shardings (and memory kinds) under jit."""
+  def init_state(self, initial=None) -> steps.TrainState:
+    """Real parameters, built directly in their shardings (and memory kinds) under jit; from `initial` (the whole
+    model's parameters on the host: `initialisation.initial_params`) when given."""
     shardings = jax.tree.map(lambda a: a.sharding, self.abstract_state)
-    return jax.jit(self._init, out_shardings=shardings)()
+    return jax.jit(self._init, out_shardings=shardings)(initial)
 
-  def _init(self) -> steps.TrainState:
+  def _init(self, initial=None) -> steps.TrainState:
     c, d = self.config, self.data
-    model = models.build(c.model, seed=c.seed, sigma_data=c.diffusion.sigma_data, **d.model_dims)
-    params = models.split(model)[1]
+    if initial is None:
+      model = models.build(c.model, seed=c.seed, sigma_data=c.diffusion.sigma_data, **d.model_dims)
+      initial = models.split(model)[1]
     if self.is_block_job:  # Under jit the other blocks' initialisation is dead code: never on the device.
-      params = block_jobs.rows(params, self.blocks)
-    return steps.init_state(params, c.seed)
+      initial = block_jobs.rows(initial, self.blocks)
+    return steps.init_state(initial, c.seed, freeze_shared=c.train.freeze_shared)
 
 
 def build_experiment(config) -> Experiment:

@@ -19,7 +19,7 @@ import numpy as np
 from absl import logging
 
 from diffblocks_jax import config as config_lib
-from diffblocks_jax.training import block_jobs, checkpointing, locking, paths, reporting, sharding
+from diffblocks_jax.training import block_jobs, checkpointing, initialisation, locking, paths, reporting, sharding
 from diffblocks_jax.core import blocks, steps
 from diffblocks_jax.training.experiment import Experiment, build_experiment, put_train_split
 
@@ -155,9 +155,21 @@ def _train_and_evaluate(config, workdir: str, lead: bool) -> dict[str, float]:
       signal.signal(s, handler)
 
 
-def _restore_or_init(config, workdir: str, exp: Experiment, ckpt: checkpointing.Checkpointer, lead: bool):
+def _has_checkpoints(workdir: str) -> bool:
+  """Whether WORKDIR/checkpoints holds a step folder (read without creating anything; a damaged step counts: the
+  restore sets it aside and says so)."""
+  directory = os.path.join(workdir, 'checkpoints')
+  if '://' in directory:  # Remote storage: ask Orbax (opening a Checkpointer there creates nothing we keep).
+    with checkpointing.Checkpointer(directory, keep=None) as ckpt:
+      return bool(ckpt.all_steps())
+  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
+def _restore_or_init(config, workdir: str, exp: Experiment, ckpt: checkpointing.Checkpointer, lead: bool,
+                     initial=None):
   """(state, resumed step or None). A workdir's saved config is compared before anything is overwritten; the
-  metrics log is made to match the step the run goes on from."""
+  metrics log is made to match the step the run goes on from. `initial`: a new run's parameters
+  (config.train.init_from)."""
   saved = os.path.join(workdir, 'config.json')
   if ckpt.all_steps() and os.path.exists(saved) and not config.train.allow_config_change:
     changed = config_lib.changed_fields(config_lib.read_saved(workdir), config)
@@ -179,7 +191,7 @@ def _restore_or_init(config, workdir: str, exp: Experiment, ckpt: checkpointing.
     reporting.repair_metrics(workdir)
     reporting.set_aside_metrics(workdir, restored[1] if restored is not None else 0)
   if restored is None:
-    return exp.init_state(), None
+    return exp.init_state(initial), None
   return restored
 
 
@@ -200,11 +212,17 @@ def _all_finite(tree) -> bool:
 
 
 def _train_loop(config, workdir: str, lead: bool, stop: _StopFlag) -> dict[str, float]:
+  new_run = not _has_checkpoints(workdir)
+  if new_run:
+    initialisation.check_source(config)
   exp = build_experiment(config)
+  # A new run's weights from config.train.init_from, read and checked before the workdir is touched; a resume
+  # reads its own checkpoint instead.
+  initial = initialisation.initial_params(config, exp.data) if new_run else None
   os.makedirs(workdir, exist_ok=True)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=config.train.keep_checkpoints)
   try:
-    state, start = _restore_or_init(config, workdir, exp, ckpt, lead)
+    state, start = _restore_or_init(config, workdir, exp, ckpt, lead, initial)
   except BaseException:
     ckpt.close()
     raise
