@@ -70,6 +70,22 @@ def get_base_config() -> ml_collections.ConfigDict:
   # eval.num_inference_steps may be any N >= 1 (the block runs N times). Needs equal depths, shared outer parts.
   m.compute_dtype = 'float32'  # 'float32' (parity) or 'bfloat16'; parameters and optimizer stay fp32.
   m.mlp_ratio = 4.0  # DiT and language models: MLP width = mlp_ratio * hidden_size (mlp_dim is the ViT's).
+  # The Llama-style language models' options, as a Hugging Face checkpoint's config.json sets them
+  # (models/pretrained.hf_model_fields); the defaults are this project's own layout:
+  m.mlp_width = 0  # SwiGLU width (Hugging Face's intermediate_size); 0 = mlp_ratio * hidden_size.
+  m.num_kv_heads = 0  # Key/value heads; fewer than num_heads (dividing it) is grouped-query attention. 0 = num_heads.
+  m.rope_theta = 10000.0  # Rotary base θ.
+  m.rope_scaling = ''  # '' | 'linear' (frequencies / rope_factor) | 'llama3' (Llama 3.1's per-wavelength rescaling).
+  m.rope_factor = 1.0  # Its factor.
+  m.rope_low_freq_factor = 1.0  # 'llama3': wavelengths above original / low are divided by the factor,
+  m.rope_high_freq_factor = 4.0  # those below original / high kept, the ones between blended.
+  m.rope_original_max_positions = 8192  # 'llama3': the context length the checkpoint was pretrained at.
+  m.attention_bias = False  # Biases on the q, k, v projections (Qwen2).
+  m.attention_out_bias = False  # And on the output projection (Llama's attention_bias=true sets both).
+  m.tie_embeddings = False  # The output head is the token embedding table (tie_word_embeddings).
+  m.norm_eps = 1e-6  # RMSNorm epsilon (rms_norm_eps).
+  m.bos_token = -1  # End-to-end LM: the first input token; -1 = an extra embedding row after the vocabulary,
+  # >= 0 = that token of the vocabulary (an imported checkpoint's bos_token_id).
   m.remat = ''  # Rematerialise each layer in the backward pass (jax.checkpoint) with this policy of
   # jax.checkpoint_policies (REMAT_POLICIES; '' = off): less activation memory, one more forward pass per layer.
 
@@ -86,6 +102,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   f.overlap = 0.05  # gamma: each block's noise range widened by this fraction of its log-width per side.
   f.loss_weighting = 'batch_mean'  # 'batch_mean' = mean(w)*mean(ce) (release) | 'per_sample' = mean(w*ce).
   f.max_loss_weight = 0.0  # Autoregressive DiffusionBlocks: clamp w(σ) at this value (0 = no clamp; public code: 20).
+  f.clean_ce_weight = 0.0  # Autoregressive DiffusionBlocks: λ >= 0; the loss adds λ × the next-token cross-entropy
+  # of the clean half of [clean | noisy] through the block's layers and head (0 = the block-wise loss alone).
   f.class_dropout_prob = 0.0  # Guidance training: the condition (classification: the image; generation: the
   # class, replaced by the null class) is dropped for this share of a batch.
 
@@ -181,6 +199,7 @@ _CHOICES = {
     'model.label_token': ('replace', 'concat'),
     'model.compute_dtype': ('float32', 'bfloat16'),
     'model.remat': REMAT_POLICIES,
+    'model.rope_scaling': ('', 'linear', 'llama3'),
     'diffusion.loss_weighting': ('batch_mean', 'per_sample'),
     'diffusion.noise_plan': ('release', 'matched'),
     'optim.schedule': ('constant_with_warmup', 'cosine_with_min_lr'),
@@ -294,6 +313,13 @@ _RANGES = {
     'eval.temperature': (lambda v: v > 0, '> 0'),
     'eval.top_k': (lambda v: v >= 0, '>= 0 (0 = all tokens)'),
     'diffusion.max_loss_weight': (lambda v: v >= 0, '>= 0 (0 = no clamp)'),
+    'diffusion.clean_ce_weight': (lambda v: v >= 0, '>= 0 (0 = the block-wise loss alone)'),
+    'model.mlp_width': (lambda v: v >= 0, '>= 0 (0 = mlp_ratio * hidden_size)'),
+    'model.num_kv_heads': (lambda v: v >= 0, '>= 0 (0 = num_heads)'),
+    'model.rope_theta': (lambda v: v > 0, '> 0'),
+    'model.rope_factor': (lambda v: v > 0, '> 0'),
+    'model.norm_eps': (lambda v: v > 0, '> 0'),
+    'model.bos_token': (lambda v: v >= -1, '>= -1 (-1 = an extra row)'),
     'data.seq_len': (lambda v: v >= 2, '>= 2'),
     'data.test_fraction': (lambda v: 0 < v < 1, 'in (0, 1)'),
 }
@@ -348,6 +374,16 @@ def validate(config, *, num_devices: int | None = None) -> None:
   heads_ok = valid('model.hidden_size', 'model.num_heads') and not m.hidden_size % m.num_heads
   if valid('model.hidden_size', 'model.num_heads') and m.hidden_size % m.num_heads:
     errors.append(f'config.model.hidden_size={m.hidden_size} is not divisible by config.model.num_heads={m.num_heads}')
+  if heads_ok and valid('model.num_kv_heads') and m.num_kv_heads and m.num_heads % m.num_kv_heads:
+    errors.append(f'config.model.num_heads={m.num_heads} is not a multiple of config.model.num_kv_heads='
+                  f'{m.num_kv_heads} (grouped-query attention shares each key/value head among whole groups)')
+  if m.rope_scaling == 'llama3' and m.rope_high_freq_factor <= m.rope_low_freq_factor:
+    errors.append(f'config.model.rope_high_freq_factor={m.rope_high_freq_factor} must exceed '
+                  f'config.model.rope_low_freq_factor={m.rope_low_freq_factor} (rope_scaling=\'llama3\')')
+  if valid('diffusion.clean_ce_weight') and f.clean_ce_weight and kind is not None and not (
+      kind.blockwise and kind.task == 'autoregressive'):
+    errors.append(f'config.diffusion.clean_ce_weight={f.clean_ce_weight} is for the autoregressive DiffusionBlocks '
+                  f'LM (its clean path); config.model.kind={m.kind!r} has none: set it to 0')
   if d.source == 'tfds' and not d.name:
     errors.append("config.data.name is empty: name the TFDS dataset (e.g. 'cifar100'), or pick another "
                   f'config.data.source from {tuple(registry.SOURCES)}')
