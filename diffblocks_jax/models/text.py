@@ -4,7 +4,9 @@ Masked diffusion (absorbing state): tokens 0..V-1, mask id V. `MaskedDiTParts` e
 bidirectional Llama layers (rotary positions, adaLN-Zero as DiT's) on the masking time t and reads logits over the
 V real tokens.
 
-Autoregressive: `ARLM` is a plain causal Llama (RMSNorm, SwiGLU, rotary, no biases). Its DiffusionBlocks form
+Autoregressive: `ARLM` is a plain causal Llama (RMSNorm, SwiGLU, rotary, no biases by default; the Llama family's
+options for imported checkpoints, models/pretrained.py: grouped-query attention, rotary theta and scaling, q/k/v
+biases, tied embeddings, a vocabulary's own BOS id). Its DiffusionBlocks form
 diffuses, at every position i, the L2-normalised embedding of token x_i (EDM) given the clean prefix x_{<i}: the
 sequence is [clean x_0..x_{L-1} | noisy z_0..z_{L-1}] under the Block Diffusion mask with block size 1, so one
 pass denoises all L next tokens at once, each seeing only its own prefix.
@@ -46,10 +48,43 @@ def block_diffusion_mask(seq_len: int) -> np.ndarray:
   return np.concatenate([np.concatenate([clean, np.zeros_like(clean)], axis=1), noisy], axis=0)
 
 
-def rotary(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Array:
-  """x (N, T, heads, D) rotated by its positions (T,) or (N, T): channel pairs (k, k + D/2), in fp32."""
+ROPE_SCALINGS = ('', 'linear', 'llama3')  # model.rope_scaling: Hugging Face's rope_type values we follow.
+
+
+def rope_settings(cfg) -> tuple:
+  """(theta, scaling, factor, low_freq_factor, high_freq_factor, original_max_positions) of a model config: static
+  numbers, so the frequencies are constants of the compiled program."""
+  return (float(cfg.rope_theta), cfg.rope_scaling, float(cfg.rope_factor), float(cfg.rope_low_freq_factor),
+          float(cfg.rope_high_freq_factor), float(cfg.rope_original_max_positions))
+
+
+def rope_frequencies(head_dim: int, theta: float = 10000.0, scaling: str = '', factor: float = 1.0,
+                     low: float = 1.0, high: float = 4.0, original: float = 8192.0) -> jax.Array:
+  """(head_dim / 2,) fp32 rotary frequencies θ^(-k/half), rescaled as Hugging Face's rope types do: 'linear'
+  divides all by the factor; 'llama3' divides the long wavelengths (> original / low), keeps the short ones
+  (< original / high) and blends in between."""
+  half = head_dim // 2
+  freqs = theta**(-jnp.arange(half, dtype=jnp.float32) / half)
+  if scaling == 'linear':
+    return freqs / factor
+  if scaling == 'llama3':
+    wavelength = 2 * np.pi / freqs
+    scaled = jnp.where(wavelength > original / low, freqs / factor, freqs)
+    smooth = (original / wavelength - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelength >= original / high) & (wavelength <= original / low)
+    return jnp.where(medium, blended, scaled)
+  if scaling:
+    raise ValueError(f'model.rope_scaling={scaling!r} is not one of {ROPE_SCALINGS}')
+  return freqs
+
+
+def rotary(x: jax.Array, positions: jax.Array, base: float = 10000.0, freqs: jax.Array | None = None) -> jax.Array:
+  """x (N, T, heads, D) rotated by its positions (T,) or (N, T): channel pairs (k, k + D/2), in fp32; `freqs`
+  (D/2,) as `rope_frequencies` gives them, or base^(-k/half)."""
   half = x.shape[-1] // 2
-  freqs = base**(-jnp.arange(half, dtype=jnp.float32) / half)
+  if freqs is None:
+    freqs = base**(-jnp.arange(half, dtype=jnp.float32) / half)
   angles = jnp.asarray(positions, jnp.float32)[..., None] * freqs
   cos, sin = jnp.cos(angles)[..., None, :], jnp.sin(angles)[..., None, :]  # A head axis to broadcast over.
   x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
@@ -72,28 +107,52 @@ class RMSNorm(nnx.Module):
     return x if self.scale is None else x * self.scale[...]
 
 
-def linear(din: int, dout: int, dtype, rngs: nnx.Rngs, *, zero: bool = False) -> nnx.Linear:
-  return nnx.Linear(din, dout, use_bias=False, kernel_init=vit.ZEROS if zero else vit.INIT, dtype=dtype, rngs=rngs)
+def linear(din: int, dout: int, dtype, rngs: nnx.Rngs, *, zero: bool = False, bias: bool = False) -> nnx.Linear:
+  return nnx.Linear(din, dout, use_bias=bias, kernel_init=vit.ZEROS if zero else vit.INIT, bias_init=vit.ZEROS,
+                    dtype=dtype, rngs=rngs)
 
 
 class RotaryAttention(nnx.Module):
-  """Multi-head attention without biases, rotary positions on q and k, and a boolean mask (True = may attend)."""
+  """Multi-head attention, rotary positions on q and k, and a boolean mask (True = may attend). The Llama family's
+  options (`cfg`, None = the defaults): `num_kv_heads` < heads shares each key/value head among heads / kv_heads
+  query heads (grouped-query attention, head h reads kv head h // group as Hugging Face's repeat_kv);
+  `attention_bias` biases q, k, v (Qwen2), `attention_out_bias` the output too (Llama's attention_bias)."""
 
-  def __init__(self, hidden: int, heads: int, dtype, rngs: nnx.Rngs):
+  def __init__(self, hidden: int, heads: int, dtype, rngs: nnx.Rngs, cfg=None):
     if hidden % heads or (hidden // heads) % 2:
       raise ValueError(f'model.hidden_size={hidden} / model.num_heads={heads} must be an even head width (rotary)')
-    self.heads = heads
-    self.query, self.key, self.value, self.out = (linear(hidden, hidden, dtype, rngs) for _ in range(4))
+    kv_heads = (cfg.num_kv_heads if cfg is not None else 0) or heads
+    if heads % kv_heads:
+      raise ValueError(f'model.num_heads={heads} is not a multiple of model.num_kv_heads={kv_heads}')
+    qkv_bias = bool(cfg is not None and cfg.attention_bias)
+    out_bias = bool(cfg is not None and cfg.attention_out_bias)
+    self.heads, self.kv_heads = heads, kv_heads
+    # None: the original frequencies, computed as they always were (existing runs stay bit for bit).
+    self.rope = rope_settings(cfg) if cfg is not None and (cfg.rope_scaling or cfg.rope_theta != 10000.0) else None
+    kv = kv_heads * (hidden // heads)
+    self.query = linear(hidden, hidden, dtype, rngs, bias=qkv_bias)
+    self.key, self.value = linear(hidden, kv, dtype, rngs, bias=qkv_bias), linear(hidden, kv, dtype, rngs, bias=qkv_bias)
+    self.out = linear(hidden, hidden, dtype, rngs, bias=out_bias)
 
   def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array) -> jax.Array:
     n, t, d = x.shape
-    split = lambda y: y.reshape(n, t, self.heads, d // self.heads)
-    q, k, v = rotary(split(self.query(x)), positions), rotary(split(self.key(x)), positions), split(self.value(x))
-    logits = jnp.einsum('nqhd,nkhd->nhqk', q, k).astype(jnp.float32) / float(np.sqrt(d // self.heads))
+    width = d // self.heads
+    split = lambda y: y.reshape(n, t, -1, width)
+    freqs = None if self.rope is None else rope_frequencies(width, *self.rope)
+    q = rotary(split(self.query(x)), positions, freqs=freqs)
+    k, v = rotary(split(self.key(x)), positions, freqs=freqs), split(self.value(x))
+    if self.kv_heads != self.heads:
+      k, v = (jnp.repeat(y, self.heads // self.kv_heads, axis=2) for y in (k, v))
+    logits = jnp.einsum('nqhd,nkhd->nhqk', q, k).astype(jnp.float32) / float(np.sqrt(width))
     mask = mask if mask.ndim == 2 else mask[:, None]  # (T, T) for all, or (N, T, T) per sequence.
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)  # Every row keeps its own diagonal.
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return self.out(jnp.einsum('nhqk,nkhd->nqhd', probs, v).reshape(n, t, d))
+
+
+def mlp_width(cfg) -> int:
+  """The SwiGLU width: model.mlp_width, or mlp_ratio × hidden when it is 0."""
+  return cfg.mlp_width or int(cfg.mlp_ratio * cfg.hidden_size)
 
 
 class SwiGLU(nnx.Module):
@@ -112,10 +171,10 @@ class LlamaLayer(nnx.Module):
   def __init__(self, cfg, dtype, rngs: nnx.Rngs, *, conditioned: bool):
     h = cfg.hidden_size
     self.dropout = cfg.dropout
-    self.norm1 = RMSNorm(h, rngs=rngs, scale=not conditioned)
-    self.attn = RotaryAttention(h, cfg.num_heads, dtype, rngs)
-    self.norm2 = RMSNorm(h, rngs=rngs, scale=not conditioned)
-    self.mlp = SwiGLU(h, int(cfg.mlp_ratio * h), dtype, rngs)
+    self.norm1 = RMSNorm(h, rngs=rngs, scale=not conditioned, eps=cfg.norm_eps)
+    self.attn = RotaryAttention(h, cfg.num_heads, dtype, rngs, cfg)
+    self.norm2 = RMSNorm(h, rngs=rngs, scale=not conditioned, eps=cfg.norm_eps)
+    self.mlp = SwiGLU(h, mlp_width(cfg), dtype, rngs)
     self.modulation = vit.dense(h, 6 * h, dtype, rngs, zero=True) if conditioned else None
 
   def __call__(self, x: jax.Array, keys: vit.KeyStream, cond: jax.Array | None, *, mask: jax.Array,
@@ -178,30 +237,45 @@ class MaskedDiTParts(nnx.Module):
     return self.head(dit.modulate(self.final_norm(x), shift, scale).astype(self.dtype)).astype(jnp.float32)
 
 
+def tied_logits(x: jax.Array, table: jax.Array, dtype) -> jax.Array:
+  """Logits x · Eᵀ over the rows of `table` (tied input and output embeddings)."""
+  return jnp.einsum('...h,vh->...v', x.astype(dtype), table.astype(dtype))
+
+
 class ARParts(nnx.Module):
-  """Plain causal LM: embeddings (+BOS), causal mask, final RMSNorm and head."""
+  """Plain causal LM: embeddings (+BOS), causal mask, final RMSNorm and head. The BOS token is an extra row V
+  (`model.bos_token` = -1) or a vocabulary's own id (an imported checkpoint's `bos_token_id`, V rows); with
+  `model.tie_embeddings` the head is the embedding table's first V rows."""
 
   def __init__(self, cfg, *, vocab_size: int, seq_len: int, dtype, rngs: nnx.Rngs):
     h = cfg.hidden_size
     self.dtype, self.dropout, self.vocab_size, self.seq_len = dtype, cfg.dropout, vocab_size, seq_len
-    self.token_embed = nnx.Param(vit.INIT(rngs.params(), (vocab_size + 1, h)))  # Row V: BOS.
-    self.norm = RMSNorm(h, rngs=rngs)
-    self.head = linear(h, vocab_size, dtype, rngs)
+    if cfg.bos_token >= vocab_size:
+      raise ValueError(f'model.bos_token={cfg.bos_token} is not a token of the vocabulary of {vocab_size}')
+    self.bos = vocab_size if cfg.bos_token < 0 else int(cfg.bos_token)
+    rows = vocab_size + (cfg.bos_token < 0)
+    self.token_embed = nnx.Param(vit.INIT(rngs.params(), (rows, h)))  # Row V: BOS, unless the vocabulary has one.
+    self.norm = RMSNorm(h, rngs=rngs, eps=cfg.norm_eps)
+    self.head = None if cfg.tie_embeddings else linear(h, vocab_size, dtype, rngs)
 
   def __call__(self, layers: blocks.Block, tokens: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
     """Logits (N, L, V) fp32; position i is the distribution of x_i given x_{<i} (input [BOS, x_0..x_{L-2}])."""
     keys = vit.KeyStream(key)
     n, length = tokens.shape
     _check_length(length, self.seq_len)
-    inputs = jnp.concatenate([jnp.full((n, 1), self.vocab_size, tokens.dtype), tokens[:, :-1]], axis=1)
+    inputs = jnp.concatenate([jnp.full((n, 1), self.bos, tokens.dtype), tokens[:, :-1]], axis=1)
     x = vit.dropout(self.token_embed[...][inputs].astype(self.dtype), self.dropout, keys())
     x = layers(x, keys, None, mask=jnp.asarray(causal_mask(length)), positions=jnp.arange(length))
-    return self.head(self.norm(x).astype(self.dtype)).astype(jnp.float32)
+    x = self.norm(x).astype(self.dtype)
+    if self.head is None:
+      return tied_logits(x, self.token_embed[...][:self.vocab_size], self.dtype).astype(jnp.float32)
+    return self.head(x).astype(jnp.float32)
 
 
 class ARDiffusionParts(nnx.Module):
   """Clean-token embedding (also the diffused space, L2-normalised rows), noisy-slot in-projection, EDM time
-  embedder, the [clean | noisy] layout under the Block Diffusion mask, final adaLN layer and head."""
+  embedder, the [clean | noisy] layout under the Block Diffusion mask, final adaLN layer and head (the embedding
+  table itself with `model.tie_embeddings`)."""
 
   def __init__(self, cfg, *, vocab_size: int, seq_len: int, sigma_data: float, dtype, rngs: nnx.Rngs):
     h = cfg.hidden_size
@@ -210,30 +284,40 @@ class ARDiffusionParts(nnx.Module):
     self.token_embed = nnx.Param(vit.INIT(rngs.params(), (vocab_size, h)))
     self.in_proj = linear(h, h, dtype, rngs)
     self.time = TimeEmbedder(h, dtype, rngs)
-    self.final_norm = RMSNorm(h, rngs=rngs, scale=False)
+    self.final_norm = RMSNorm(h, rngs=rngs, scale=False, eps=cfg.norm_eps)
     self.final_modulation = vit.dense(h, 2 * h, dtype, rngs, zero=True)
-    self.head = linear(h, vocab_size, dtype, rngs, zero=True)  # Zero as DiT's final layer: uniform at the start.
+    # Zero as DiT's final layer: uniform at the start.
+    self.head = None if cfg.tie_embeddings else linear(h, vocab_size, dtype, rngs, zero=True)
 
   def embedding_table(self) -> jax.Array:
     """The raw rows (V, hidden); the diffusion target of token v is row v over its L2 norm."""
     return self.token_embed[...]
 
+  def _head(self, x: jax.Array) -> jax.Array:
+    if self.head is None:
+      return tied_logits(x, self.token_embed[...], self.dtype).astype(jnp.float32)
+    return self.head(x.astype(self.dtype)).astype(jnp.float32)
+
   def __call__(self, layers: blocks.Block, tokens: jax.Array, z_t: jax.Array, sigmas: jax.Array, *,
-               key: jax.Array | None = None) -> jax.Array:
-    """Logits (N, L, V) fp32: slot i's denoised distribution of x_i given x_{<i} and z_t[:, i] at σ (N,)."""
+               key: jax.Array | None = None, clean: bool = False):
+    """Logits (N, L, V) fp32: slot i's denoised distribution of x_i given x_{<i} and z_t[:, i] at σ (N,).
+    `clean`: also the clean half's logits (N, L, V), position i's next-token distribution of x_{i+1} (the clean
+    path of `diffusion.clean_ce_weight`), through the same final layer and head."""
     keys = vit.KeyStream(key)
     length = tokens.shape[1]
     _check_length(length, self.seq_len)
     _, _, c_in, c_noise = edm.preconditioning(sigmas, self.sigma_data)
-    clean = self.token_embed[...][tokens].astype(self.dtype)
+    clean_x = self.token_embed[...][tokens].astype(self.dtype)
     noisy = self.in_proj((c_in[:, None, None] * z_t).astype(self.dtype))
-    x = vit.dropout(jnp.concatenate([clean, noisy], axis=1), self.dropout, keys())
+    x = vit.dropout(jnp.concatenate([clean_x, noisy], axis=1), self.dropout, keys())
     cond = self.time(c_noise)  # One σ per sequence conditions every position, clean ones included.
     positions = jnp.tile(jnp.arange(length), 2)  # Noisy slot i sits at the position of the x_i it denoises.
     x = layers(x, keys, cond, mask=jnp.asarray(block_diffusion_mask(length)), positions=positions)
     shift, scale = jnp.split(self.final_modulation(jax.nn.silu(cond)).astype(jnp.float32), 2, axis=-1)
-    out = dit.modulate(self.final_norm(x[:, length:]), shift, scale)
-    return self.head(out.astype(self.dtype)).astype(jnp.float32)
+    logits = self._head(dit.modulate(self.final_norm(x[:, length:]), shift, scale))
+    if not clean:
+      return logits
+    return logits, self._head(dit.modulate(self.final_norm(x[:, :length]), shift, scale))
 
 
 # ------------------------------------------------------------------ models
@@ -316,5 +400,7 @@ class DiffusionBlocksAR(blocks.DiffusionBlocks):
     """The raw rows (V, hidden) that block `block` embeds clean tokens with (its own copy when independent)."""
     return self.outer(self.block(block)).embedding_table()
 
-  def denoise(self, tokens, z_t, sigmas, block, *, key: jax.Array | None = None) -> jax.Array:
-    return super().denoise(tokens, z_t, sigmas, block=block, key=key)
+  def denoise(self, tokens, z_t, sigmas, block, *, key: jax.Array | None = None, clean: bool = False):
+    """Slot logits (N, L, V); with `clean`, (slot logits, the clean half's next-token logits)."""
+    layers = self.block(block)
+    return self.outer(layers)(layers, tokens, z_t, sigmas, key=key, clean=clean)

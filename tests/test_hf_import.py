@@ -1,0 +1,261 @@
+"""Hugging Face checkpoints as a model's start (diffblocks_jax/models/pretrained.py).
+
+The references: tests/fixtures/hf/<name>/ are tiny random models that transformers 5.25 (with torch 2.x on the CPU)
+created and saved (`save_pretrained`: config.json + model.safetensors), and reference.npz holds transformers' own
+float32 logits on fixed inputs; tests/fixtures/hf/make_fixtures.py wrote them (nothing downloaded). These tests
+compare our imported models against those stored logits everywhere, and against a fresh transformers forward
+when torch and transformers are importable (skipped otherwise; they are not the project's dependencies).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import helpers
+from diffblocks_jax import models
+from diffblocks_jax.core import blocks
+from diffblocks_jax.models import pretrained
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'hf')
+TEXT = ('llama_gqa', 'llama_tied', 'llama_rope_linear', 'llama3_rope', 'qwen2')
+VOCAB = 64
+
+
+def rel_err(ours, theirs) -> float:
+  return float(np.max(np.abs(np.asarray(ours) - theirs)) / np.max(np.abs(theirs)))
+
+
+def text_config(kind: str, folder: str, **overrides):
+  """A tiny `kind` config with the checkpoint's model fields, then `overrides`."""
+  c = helpers.tiny_config(kind, 'text', model__dropout=0.0)
+  c.model.update(pretrained.hf_model_fields(folder))
+  return helpers.override(c, **overrides)
+
+
+def imported(config, folder, **dims):
+  dims = dims or dict(vocab_size=VOCAB, seq_len=16)
+  abstract = nnx.eval_shape(lambda: models.build(config.model, **dims))
+  graphdef, shapes = nnx.split(abstract)
+  params = pretrained.load_hf(folder, config.model, nnx.to_pure_dict(shapes))
+  return nnx.merge(graphdef, params), params, nnx.to_pure_dict(shapes)
+
+
+def ar_logits(model, ids):
+  """Our 'ar' logits for transformers' input ids (which start with BOS): the tokens are ids shifted by one."""
+  tokens = jnp.concatenate([ids[:, 1:], jnp.zeros((ids.shape[0], 1), ids.dtype)], axis=1)
+  return model.logits(tokens)
+
+
+@pytest.mark.parametrize('name', TEXT)
+def test_llama_family_logits_equal_transformers(name):
+  folder = os.path.join(FIXTURES, name)
+  ref = np.load(os.path.join(folder, 'reference.npz'))
+  config = text_config('ar', folder)
+  model, params, abstract = imported(config, folder)
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), params) == jax.tree.map(lambda x: (x.shape, x.dtype), abstract)
+  assert rel_err(ar_logits(model, jnp.asarray(ref['input_ids'])), ref['logits']) <= 1e-5
+
+
+def test_the_fixtures_cover_each_option():
+  """GQA, tied embeddings, both rotary scalings and Qwen2's biases: each fixture differs where its name says."""
+  f = {name: pretrained.hf_model_fields(os.path.join(FIXTURES, name)) for name in TEXT}
+  assert f['llama_gqa']['num_kv_heads'] < f['llama_gqa']['num_heads'] and f['llama_gqa']['norm_eps'] == 1e-5
+  assert f['llama_tied']['tie_embeddings'] and f['llama_tied']['rope_theta'] == 500000.0
+  assert f['llama_rope_linear']['rope_scaling'] == 'linear' and f['llama3_rope']['rope_scaling'] == 'llama3'
+  assert f['qwen2']['attention_bias'] and not f['qwen2']['attention_out_bias']
+
+
+def test_llama3_scaling_blends_some_frequencies():
+  """The llama3 fixture's head width puts a wavelength in each of the three bands (kept, blended, divided)."""
+  fields = pretrained.hf_model_fields(os.path.join(FIXTURES, 'llama3_rope'))
+  c = helpers.tiny_config('ar', 'text')
+  c.model.update(fields)
+  from diffblocks_jax.models import text  # pylint: disable=g-import-not-at-top
+  width = fields['hidden_size'] // fields['num_heads']
+  plain = np.asarray(text.rope_frequencies(width, fields['rope_theta']))
+  ratio = plain / np.asarray(text.rope_frequencies(width, *text.rope_settings(c.model)))
+  assert np.isclose(ratio, 1).any() and np.isclose(ratio, 8).any() and ((ratio > 1.01) & (ratio < 7.99)).any()
+
+
+def test_vit_features_equal_transformers_and_positions_interpolate():
+  folder = os.path.join(FIXTURES, 'vit')
+  ref = np.load(os.path.join(folder, 'reference.npz'))
+  fields = pretrained.hf_model_fields(folder)
+  for size, images, features in ((8, ref['images'], ref['features']), (12, ref['images_12'], ref['features_12'])):
+    c = helpers.tiny_config('vit', 'digits', model__dropout=0.0, model__attention_dropout=0.0)
+    c.model.update(fields)
+    model, params, _ = imported(c, folder, image_size=size, channels=3, num_classes=7)
+    ours = model.features(jnp.asarray(images.transpose(0, 2, 3, 1)))
+    assert rel_err(ours, features) <= 1e-5, size
+    assert params['head']['kernel'].shape == (fields['hidden_size'], 7)  # The new label set's head.
+  # With transformers' classifier put in its place, the logits agree too.
+  c = helpers.tiny_config('vit', 'digits', model__dropout=0.0, model__attention_dropout=0.0)
+  c.model.update(fields)
+  model, params, _ = imported(c, folder, image_size=8, channels=3, num_classes=5)
+  files = pretrained.SafetensorsFolder(folder)
+  params['head'] = {'kernel': files.array('classifier.weight').T, 'bias': files.array('classifier.bias')}
+  model = nnx.merge(nnx.split(model)[0], params)
+  assert rel_err(model(jnp.asarray(ref['images'].transpose(0, 2, 3, 1))), ref['logits']) <= 1e-5
+
+
+def test_blockwise_start_reproduces_the_checkpoint_on_the_clean_path():
+  """ar_dblock with B = 1 from a checkpoint: the clean half of [clean | noisy] through the block and the head is
+  the imported causal LM, so its next-token logits equal transformers' at any σ (the time conditioning starts as
+  the identity of the imported layers)."""
+  folder = os.path.join(FIXTURES, 'llama_gqa')
+  ref = np.load(os.path.join(folder, 'reference.npz'))
+  config = text_config('ar_dblock', folder, model__num_blocks=1)
+  model, _, _ = imported(config, folder)
+  ids = jnp.asarray(ref['input_ids'])
+  z = jax.random.normal(jax.random.key(0), ids.shape + (config.model.hidden_size,))
+  for sigma in (0.01, 3.0):
+    _, clean = model.denoise(ids, z, jnp.full((ids.shape[0],), sigma), 0, clean=True)
+    assert rel_err(clean, ref['logits']) <= 1e-5
+
+
+@pytest.mark.parametrize('kind,source', [('ar_dblock', 'hf'), ('ar_dblock', 'ar'), ('dblock', 'hf'),
+                                         ('dblock', 'vit')])
+def test_each_block_starts_as_its_slice_of_the_imported_layers(kind, source):
+  """B = 2 over 2 layers: block b's layer, at any condition, computes imported layer b on any input."""
+  text = kind == 'ar_dblock'
+  folder = os.path.join(FIXTURES, 'llama_gqa' if text else 'vit')
+  dims = dict(vocab_size=VOCAB, seq_len=16) if text else dict(image_size=8, channels=3, num_classes=4)
+  make = (lambda k, **o: text_config(k, folder, **o)) if text else (lambda k, **o: vit_config(k, folder, **o))
+  config = make(kind, model__num_blocks=2)
+  e2e = make('ar' if text else 'vit')
+  plain_model, plain, _ = imported(e2e, folder, **dims)
+  abstract = nnx.eval_shape(lambda: models.build(config.model, **dims))
+  graphdef, shapes = nnx.split(abstract)
+  if source == 'hf':
+    params = pretrained.load_hf(folder, config.model, nnx.to_pure_dict(shapes))
+  else:
+    params = pretrained.from_end_to_end(plain, e2e.model, config.model, nnx.to_pure_dict(shapes))
+  model = nnx.merge(graphdef, params)
+  plain_layers = plain_model.layers.layers if text else plain_model.layers
+  x = jax.random.normal(jax.random.key(1), (2, 6, config.model.hidden_size))
+  cond = jax.random.normal(jax.random.key(2), (2, model.outer(model.block(0)).time.fc2.out_features
+                                               if text else config.model.hidden_size // 6))
+  keys = lambda: None
+  for b in range(2):
+    layer = model.block(b).layers[0]
+    if text:
+      mask, pos = jnp.ones((6, 6), bool), jnp.arange(6)
+      ours, theirs = layer(x, keys, cond, mask=mask, positions=pos), plain_layers[b](x, keys, None, mask=mask,
+                                                                                     positions=pos)
+    else:
+      from diffblocks_jax.models import vit  # pylint: disable=g-import-not-at-top
+      ours, theirs = layer(x, vit.KeyStream(None), cond), plain_layers[b](x, vit.KeyStream(None))
+    assert rel_err(ours, theirs) <= 1e-5, b
+
+
+def vit_config(kind, folder, **overrides):
+  c = helpers.tiny_config(kind, 'digits', model__dropout=0.0, model__attention_dropout=0.0)
+  c.model.update(pretrained.hf_model_fields(folder))
+  return helpers.override(c, **overrides)
+
+
+# ------------------------------------------------------------------ bad input: one line, naming file and tensor
+
+def copy_fixture(tmp_path, name='llama_gqa'):
+  folder = tmp_path / name
+  shutil.copytree(os.path.join(FIXTURES, name), folder)
+  return str(folder)
+
+
+def rewrite(folder, change):
+  from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
+  path = os.path.join(folder, 'model.safetensors')
+  tensors = dict(load_file(path))
+  change(tensors)
+  save_file(tensors, path)
+
+
+def refused(folder, match, kind='ar', **overrides):
+  config = text_config(kind, os.path.join(FIXTURES, 'llama_gqa'), **overrides)
+  shapes = nnx.to_pure_dict(nnx.split(nnx.eval_shape(lambda: models.build(config.model, vocab_size=VOCAB,
+                                                                             seq_len=16)))[1])
+  with pytest.raises(ValueError, match=match) as e:
+    pretrained.load_hf(folder, config.model, shapes)
+  assert '\n' not in str(e.value)
+  return str(e.value)
+
+
+def test_bad_checkpoints_are_refused_in_one_line(tmp_path):
+  folder = copy_fixture(tmp_path)
+  rewrite(folder, lambda t: t.pop('model.layers.1.mlp.up_proj.weight'))
+  refused(folder, 'lacks tensor model.layers.1.mlp.up_proj.weight')
+
+  folder = copy_fixture(tmp_path / 'extra')
+  rewrite(folder, lambda t: t.update({'model.layers.0.mlp.extra.weight': np.zeros(2, np.float32)}))
+  refused(folder, 'model.safetensors: unexpected tensor model.layers.0.mlp.extra.weight')
+
+  folder = copy_fixture(tmp_path / 'shape')
+  rewrite(folder, lambda t: t.update({'model.layers.0.self_attn.k_proj.weight': np.zeros((16, 16), np.float32)}))
+  refused(folder, r'model.safetensors: tensor model.layers.0.self_attn.k_proj.weight has shape \(16, 16\)')
+
+  folder = copy_fixture(tmp_path / 'nan')
+  rewrite(folder, lambda t: t['model.norm.weight'].__setitem__(0, np.nan))
+  refused(folder, 'model.safetensors: tensor model.norm.weight holds NaN')
+
+  folder = copy_fixture(tmp_path / 'empty')
+  os.remove(os.path.join(folder, 'model.safetensors'))
+  refused(folder, 'no \\*.safetensors weights')
+
+  refused(str(tmp_path / 'nowhere'), 'no such folder')
+  refused(os.path.join(FIXTURES, 'llama_gqa'), 'config.model.num_layers=4 but the checkpoint has 2',
+          model__num_layers=4)
+
+
+def test_config_json_problems_are_refused_in_one_line(tmp_path):
+  def edited(name, change):
+    folder = copy_fixture(tmp_path / name)
+    path = os.path.join(folder, 'config.json')
+    with open(path) as f:
+      hf = json.load(f)
+    change(hf)
+    with open(path, 'w') as f:
+      json.dump(hf, f)
+    return folder
+
+  with pytest.raises(ValueError, match=r"config.json: architectures=\['GPT2LMHeadModel'\] is not supported"):
+    pretrained.hf_model_fields(edited('arch', lambda h: h.update(architectures=['GPT2LMHeadModel'])))
+  with pytest.raises(ValueError, match="rope_scaling type 'yarn' is not supported"):
+    pretrained.hf_model_fields(edited('yarn', lambda h: h['rope_parameters'].update(rope_type='yarn')))
+  # The data's vocabulary must be the checkpoint's.
+  config = text_config('ar', os.path.join(FIXTURES, 'llama_gqa'))
+  shapes = nnx.to_pure_dict(nnx.split(nnx.eval_shape(lambda: models.build(config.model, vocab_size=50,
+                                                                             seq_len=16)))[1])
+  with pytest.raises(ValueError, match="token embedding has 64 rows; the data's vocabulary has 50 tokens"):
+    pretrained.load_hf(os.path.join(FIXTURES, 'llama_gqa'), config.model, shapes)
+
+
+def test_interpolation_is_torch_bicubic_on_a_known_case():
+  """Resizing a constant grid keeps it (weights sum to one); the identity size is the identity."""
+  pos = np.random.default_rng(0).normal(size=(1, 1 + 9, 4)).astype(np.float32)
+  np.testing.assert_allclose(pretrained.interpolate_positions(pos, 10), pos, atol=1e-6)
+  flat = np.ones((1, 1 + 4, 3), np.float32)
+  np.testing.assert_allclose(pretrained.interpolate_positions(flat, 1 + 25), np.ones((1, 26, 3)), atol=1e-6)
+
+
+# ------------------------------------------------------------------ live: transformers itself, when installed
+
+def test_live_transformers_forward_equals_ours(tmp_path):
+  pytest.importorskip('torch')
+  pytest.importorskip('transformers')
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location('make_fixtures', os.path.join(FIXTURES, 'make_fixtures.py'))
+  make = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(make)
+  for name in ('llama_gqa', 'qwen2'):
+    folder = str(tmp_path / name)
+    ref = make.build(name, folder)
+    model, _, _ = imported(text_config('ar', folder), folder)
+    assert rel_err(ar_logits(model, jnp.asarray(ref['input_ids'])), ref['logits']) <= 1e-5, name
