@@ -146,7 +146,8 @@ def test_a_job_holds_only_its_blocks():
     (dict(train__blocks=('',)), 'must name blocks by number'),  # --config.train.blocks= (empty)
     (dict(train__blocks=(1, 1)), 'names a block twice'),
     (dict(train__blocks=(0,), model__independent_blocks=False, parallel_blocks=False),
-     'needs config.model.independent_blocks=True .* and config.parallel_blocks=True'),
+     'needs config.parallel_blocks=True and either config.model.independent_blocks=True .* or the shared outer '
+     r'parts frozen from a trained run \(config.train.init_from=WORKDIR and config.train.freeze_shared=True\)'),
     (dict(train__blocks=(0,), parallel_blocks=False), 'config.parallel_blocks=True'),
 ])
 def test_bad_block_lists_are_refused_in_one_line(overrides, says):
