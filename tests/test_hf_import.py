@@ -259,3 +259,28 @@ def test_live_transformers_forward_equals_ours(tmp_path):
     ref = make.build(name, folder)
     model, _, _ = imported(text_config('ar', folder), folder)
     assert rel_err(ar_logits(model, jnp.asarray(ref['input_ids'])), ref['logits']) <= 1e-5, name
+
+
+# ------------------------------------------------------------------ diffusion.clean_ce_weight
+
+def test_clean_ce_weight_adds_the_clean_paths_next_token_cross_entropy():
+  """λ × the clean half's next-token cross-entropy joins the block-wise loss; from a checkpoint with B = 1 that
+  cross-entropy is the checkpoint's own (transformers' logits), whatever σ; λ = 0 is the loss alone."""
+  from diffblocks_jax.tasks import autoregressive  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  folder = os.path.join(FIXTURES, 'llama_tied')
+  ref = np.load(os.path.join(folder, 'reference.npz'))
+  ids = jnp.asarray(ref['input_ids'])
+  losses = {}
+  for lam in (0.0, 0.5):
+    config = text_config('ar_dblock', folder, model__num_blocks=1, diffusion__clean_ce_weight=lam)
+    model, _, _ = imported(config, folder)
+    task = autoregressive.make_task(config)
+    z = jax.random.normal(jax.random.key(0), ids.shape + (config.model.hidden_size,))
+    sigmas = jnp.array([0.1, 2.0])
+    output = task.denoise(model, ids, z, sigmas, 0, None)
+    assert isinstance(output, tuple) == bool(lam)
+    losses[lam], aux = task.loss(output, ids, sigmas)
+  expected = optax.softmax_cross_entropy_with_integer_labels(jnp.asarray(ref['logits'])[:, :-1], ids[:, 1:]).mean()
+  np.testing.assert_allclose(aux['clean_ce'], expected, rtol=1e-5)
+  np.testing.assert_allclose(losses[0.5] - losses[0.0], 0.5 * expected, rtol=1e-4)

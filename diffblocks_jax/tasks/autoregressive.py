@@ -6,7 +6,10 @@ L2-normalised embedding of x_i, corrupted with EDM's noise (σ from the equi-pro
 overlap γ), and the network reads [clean tokens | noisy slots] under the Block Diffusion mask with block size 1
 (models/text.py): slot i sees x_{<i} and itself. A block's output is logits over the vocabulary; its loss the
 cross-entropy weighted by w(σ) (clamped at diffusion.max_loss_weight when set); its estimate of the clean
-target x̂ = softmax(logits)·Ê, Ê the normalised embedding rows (classification's rule, per token).
+target x̂ = softmax(logits)·Ê, Ê the normalised embedding rows (classification's rule, per token). With
+diffusion.clean_ce_weight = λ > 0 the loss adds λ × the next-token cross-entropy of the clean half (clean position
+i predicts x_{i+1} through the block's layers and the same head), so a block fine-tuned from a language model keeps
+modelling language (issue 25; docs/finetune.md).
 
 Sampling, per token: Euler over the blocks from σ_max, each step run by the block owning its σ, then a draw
 from the last step's logits (temperature, top-k).
@@ -44,25 +47,41 @@ class Autoregressive:
   same windows (slot i's clean target is x_i's normalised embedding)."""
   sigma_data: float = 0.5
   max_loss_weight: float = 0.0
+  clean_ce_weight: float = 0.0  # λ: the clean path's next-token cross-entropy joins the loss.
 
   @classmethod
   def from_config(cls, config) -> Autoregressive:
-    return cls(float(config.diffusion.sigma_data), float(config.diffusion.max_loss_weight))
+    return cls(float(config.diffusion.sigma_data), float(config.diffusion.max_loss_weight),
+               float(config.diffusion.clean_ce_weight))
 
   def target(self, model, tokens, block) -> jax.Array:
     return normalised_table(model, block)[tokens.astype(jnp.int32)]
 
-  def denoise(self, model, tokens, z_t, sigmas, block, key):
+  def logits(self, model, tokens, z_t, sigmas, block, key) -> jax.Array:
+    """The slots' logits (N, L, V): what sampling and evaluation read."""
     return model.denoise(tokens.astype(jnp.int32), z_t, sigmas, block, key=key)
+
+  def denoise(self, model, tokens, z_t, sigmas, block, key):
+    """What the training step hands to `loss`: the slots' logits, with λ > 0 also the clean half's."""
+    if not self.clean_ce_weight:
+      return self.logits(model, tokens, z_t, sigmas, block, key)
+    return model.denoise(tokens.astype(jnp.int32), z_t, sigmas, block, key=key, clean=True)
 
   def weight(self, sigmas) -> jax.Array:
     w = partitions.loss_weight(sigmas, self.sigma_data)
     return jnp.minimum(w, self.max_loss_weight) if self.max_loss_weight else w
 
-  def loss(self, logits, tokens, sigmas):
-    """w(σ)·cross-entropy per slot, averaged; aux: the plain cross-entropy (nats per token)."""
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens.astype(jnp.int32))
-    return jnp.mean(self.weight(sigmas)[:, None] * ce), {'ce': ce.mean()}
+  def loss(self, output, tokens, sigmas):
+    """w(σ)·cross-entropy per slot, averaged; aux: the plain cross-entropy (nats per token). With λ > 0 (`output`
+    = (slot logits, clean logits)) plus λ × the clean half's next-token cross-entropy, aux 'clean_ce'."""
+    logits, clean = output if isinstance(output, tuple) else (output, None)
+    tokens = tokens.astype(jnp.int32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens)
+    loss, aux = jnp.mean(self.weight(sigmas)[:, None] * ce), {'ce': ce.mean()}
+    if clean is None:
+      return loss, aux
+    clean_ce = optax.softmax_cross_entropy_with_integer_labels(clean[:, :-1].astype(jnp.float32), tokens[:, 1:])
+    return loss + self.clean_ce_weight * clean_ce.mean(), dict(aux, clean_ce=clean_ce.mean())
 
   def estimate(self, model, logits, block) -> jax.Array:
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1) @ normalised_table(model, block)
@@ -116,7 +135,7 @@ def denoise_tokens(task: Autoregressive, model, key: jax.Array, num: int, seq_le
     noise_key, draw_key, step_key = jax.random.split(jax.random.fold_in(key, i), 3)
     z = partition.prior(noise_key, (num, seq_len, width), float(levels[0]))
     for n, block in enumerate(owners.tolist()):
-      logits = task.denoise(model, tokens, z, jnp.full((num,), levels[n], jnp.float32), block, None)
+      logits = task.logits(model, tokens, z, jnp.full((num,), levels[n], jnp.float32), block, None)
       if n + 1 == num_steps:
         break
       if solver == 'euler':
@@ -140,7 +159,7 @@ def block_ce(task: Autoregressive, model, tokens, key, partition) -> jax.Array:
     level_key, noise_key = jax.random.split(jax.random.fold_in(key, b))
     sigmas, _ = partition.sample(level_key, tokens.shape[0], block=b)
     z_t = partition.corrupt(noise_key, task.target(model, tokens, b), sigmas)
-    logits = task.denoise(model, tokens, z_t, sigmas, b, None).astype(jnp.float32)
+    logits = task.logits(model, tokens, z_t, sigmas, b, None).astype(jnp.float32)
     out.append(optax.softmax_cross_entropy_with_integer_labels(logits, tokens.astype(jnp.int32)).mean(-1))
   return jnp.stack(out, axis=1)
 
@@ -180,7 +199,8 @@ def make_sample_fn(graphdef, config, data):
   e = config.eval
   options = dict(temperature=e.temperature, top_k=e.top_k)
   if not registry.kind(config.model.kind).blockwise:
-    return lambda params, key, num: ancestral(nnx.merge(graphdef, params), key, num, data.seq_len, **options)
+    return lambda params, key, num: ancestral(at_eval_depth(nnx.merge(graphdef, params), config), key, num,
+                                              data.seq_len, **options)
   task, plan = make_task(config), partition(config)
   num_steps = inference_steps(config)
   return lambda params, key, num: denoise_tokens(task, nnx.merge(graphdef, params), key, num, data.seq_len,
@@ -193,6 +213,14 @@ def inference_steps(config) -> int:
   return config.eval.num_inference_steps or config_lib.num_blocks(config)
 
 
+def at_eval_depth(model, config):
+  """`model` as evaluated: a recurrent-depth one (an `eval_depth` attribute: models/recurrent.py) unrolled
+  config.eval.num_inference_steps times (0: its own default, the mean training depth); any other as it is."""
+  if getattr(model, 'eval_depth', None) is not None and config.eval.num_inference_steps:
+    model.eval_depth = int(config.eval.num_inference_steps)
+  return model
+
+
 # ----------------------------------------------------------------------------------- evaluation of a run
 
 def make_evaluator(exp, workdir: str):
@@ -200,10 +228,13 @@ def make_evaluator(exp, workdir: str):
   held-out denoising cross-entropy, and its samples' perplexity under the end-to-end run of
   config.eval.scorer_workdir (loaded and checked here, before training)."""
   c, graphdef = exp.config, exp.graphdef
+  model_class = registry.model_class(c.model.kind)
   if not exp.blockwise:
-    scorer = language.Scorer(graphdef, token_nll)  # The baseline scores the held-out text and its own samples.
+    own = language.Scorer(graphdef, lambda model, x: token_nll(at_eval_depth(model, c), x))
     held_out = lambda params, tokens, key, batch: {
-        'eval/bpc': scorer.mean_nll(tokens, batch, params) * language.BITS_PER_NAT}
+        'eval/bpc': own.mean_nll(tokens, batch, params) * language.BITS_PER_NAT}
+    # The plain LM scores its own samples; a recurrent-depth baseline is judged as DiffusionBlocks is.
+    scorer = language.load_scorer(exp, token_nll) if hasattr(model_class, 'eval_depth') else own
   else:
     scorer = language.load_scorer(exp, token_nll)
     task, plan = make_task(c), partition(c)
@@ -213,8 +244,20 @@ def make_evaluator(exp, workdir: str):
       ce = language.mean_over_rows(lambda x, i: block_ce_fn(params, x, jax.random.fold_in(key, i)), tokens, batch)
       return {f'eval/ce_block{b}': float(v) for b, v in enumerate(ce)}
 
-  return language.LanguageEvaluator(exp, workdir, sample_fn=make_sample_fn(graphdef, c, exp.data),
-                                    held_out=held_out, scorer=scorer)
+  evaluator = language.LanguageEvaluator(exp, workdir, sample_fn=make_sample_fn(graphdef, c, exp.data),
+                                         held_out=held_out, scorer=scorer)
+  if not hasattr(model_class, 'train_flops_per_step'):
+    return evaluator
+  # eval/train_flops: the model's analytic estimate per step (models/recurrent.py) times the steps trained.
+  per_step = model_class.train_flops_per_step(c.model, vocab_size=exp.data.vocab_size, seq_len=exp.data.seq_len,
+                                              batch_size=c.train.batch_size)
+
+  def evaluate(params, step):
+    metrics, line = evaluator(params, step)
+    metrics['eval/train_flops'] = per_step * step
+    return metrics, f'{line}; {metrics["eval/train_flops"]:.3g} training FLOPs'
+
+  return evaluate
 
 
 def write_samples(exp, workdir: str, params, step: int, num: int) -> str:
