@@ -403,4 +403,5 @@ class DiffusionBlocksAR(blocks.DiffusionBlocks):
   def denoise(self, tokens, z_t, sigmas, block, *, key: jax.Array | None = None, clean: bool = False):
     """Slot logits (N, L, V); with `clean`, (slot logits, the clean half's next-token logits)."""
     layers = self.block(block)
-    return self.outer(layers)(layers, tokens, z_t, sigmas, key=key, clean=clean)
+    extra = {'clean': True} if clean else {}  # Outer parts of subclasses that have no clean path take no flag.
+    return self.outer(layers)(layers, tokens, z_t, sigmas, key=key, **extra)
