@@ -126,6 +126,14 @@ _TINY_MODEL = {
     'text': dict(hidden_size=16, num_heads=2, num_layers=2, num_blocks=2, mlp_ratio=2, dropout=0.0),
 }
 
+# config.model.recurrent of the recurrent-depth kinds: 1 prelude and 1 coda layer; 'rd' unrolls its block 1 +
+# Poisson(1) times (E[r] = 2), backpropagating through the last unroll.
+_TINY_RECURRENT = {
+    'rd': dict(prelude_layers=1, coda_layers=1, mean_depth=2.0, backprop_depth=1, min_depth=1,
+               depth_distribution='poisson', depth_sigma=0.5),
+    'rd_dblock': dict(prelude_layers=1, coda_layers=1),
+}
+
 
 def tiny_config(kind: str = 'dblock', data: str = 'digits', **overrides):
   """A small config that runs in well under a second on a CPU: a tiny model of `kind` for `data` ('digits' or
@@ -140,6 +148,9 @@ def tiny_config(kind: str = 'dblock', data: str = 'digits', **overrides):
   c.data.pad_crop, c.data.flip = 0, False
   c.train.batch_size, c.train.num_epochs, c.train.steps_per_call = 8, 1, 1
   c.eval.batch_size = 4
+  if kind in _TINY_RECURRENT:  # Recurrent depth (models/recurrent.py): its sub-dict, and one weight-tied block.
+    c.model.recurrent = dict(_TINY_RECURRENT[kind])
+    c.model.weight_tied = kind.endswith('_dblock')
   return override(c, **overrides)
 
 

@@ -217,7 +217,7 @@ def test_noise_plan_and_validation_fraction_are_refused_by_name():
   vit = tiny_config('vit', diffusion__noise_plan='matched')
   with pytest.raises(config_lib.ConfigError, match=r"noise_plan='matched' is not one of \('release',\) for "
                      r"model.kind='vit' \('matched' is for a diffused embedding: kinds "
-                     r"\('dblock', 'cnn_dblock', 'ar_dblock'\)\)"):
+                     r"\('dblock', 'cnn_dblock', 'ar_dblock', 'rd_dblock'\)\)"):
     config_lib.validate(vit)
   config_lib.validate(tiny_config(diffusion__noise_plan='matched'))
   folder = tiny_config()

@@ -44,6 +44,64 @@ def _rotary_pairs(m) -> str | None:
   return None
 
 
+# config.model.recurrent (recurrent depth, models/recurrent.py): a sub-dict the config adds; what each kind reads.
+RECURRENT_FIELDS = {
+    'rd': ('prelude_layers', 'coda_layers', 'mean_depth', 'backprop_depth', 'min_depth', 'depth_distribution',
+           'depth_sigma'),
+    'rd_dblock': ('prelude_layers', 'coda_layers'),
+}
+DEPTH_DISTRIBUTIONS = ('lognormal_poisson', 'poisson', 'fixed')  # config.model.recurrent.depth_distribution.
+
+
+def _recurrent_fields(m) -> str | None:
+  r = m.get('recurrent')
+  need = RECURRENT_FIELDS[m.kind]
+  missing = [name for name in need if r is None or name not in r]
+  if missing:
+    return (f'config.model.recurrent.{missing[0]} is missing: model.kind={m.kind!r} needs config.model.recurrent '
+            f'with {", ".join(need)} (configs/text_rd.py sets them)')
+  for name in ('prelude_layers', 'coda_layers'):
+    if isinstance(r[name], bool) or not isinstance(r[name], int) or r[name] < 0:
+      return f'config.model.recurrent.{name}={r[name]!r} must be an integer >= 0'
+  return None
+
+
+def _recurrent_depth(m) -> str | None:
+  """'rd': the depth draw can never give 0 unrolls, and truncation keeps k <= the mean depth."""
+  if (error := _recurrent_fields(m)) is not None:
+    return error
+  r = m.recurrent
+  if r.depth_distribution not in DEPTH_DISTRIBUTIONS:
+    return f'config.model.recurrent.depth_distribution={r.depth_distribution!r} is not one of {DEPTH_DISTRIBUTIONS}'
+  if isinstance(r.min_depth, bool) or not isinstance(r.min_depth, int) or r.min_depth < 1:
+    return (f'config.model.recurrent.min_depth={r.min_depth!r} must be an integer >= 1: the depth distribution '
+            'must not draw 0 unrolls')
+  if r.depth_distribution == 'fixed':
+    if r.mean_depth != int(r.mean_depth) or r.mean_depth < r.min_depth:
+      return (f"config.model.recurrent.mean_depth={r.mean_depth!r} must be an integer >= min_depth={r.min_depth} "
+              "with depth_distribution='fixed' (every step unrolls it)")
+  elif not r.mean_depth > r.min_depth:
+    return (f'config.model.recurrent.mean_depth={r.mean_depth!r} must exceed min_depth={r.min_depth} with '
+            f'depth_distribution={r.depth_distribution!r} (r = min_depth + Poisson(mean_depth - min_depth))')
+  if r.depth_distribution == 'lognormal_poisson' and not r.depth_sigma > 0:
+    return f"config.model.recurrent.depth_sigma={r.depth_sigma!r} must be > 0 with 'lognormal_poisson'"
+  k = r.backprop_depth
+  if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    return f'config.model.recurrent.backprop_depth={k!r} must be an integer >= 1 (unrolls with gradients)'
+  if k > r.mean_depth:
+    return (f'config.model.recurrent.backprop_depth={k} must be <= config.model.recurrent.mean_depth='
+            f'{r.mean_depth} (truncated backpropagation through the last k of the unrolls)')
+  return None
+
+
+def _weight_tied_recurrence(m) -> str | None:
+  """'rd_dblock': the recurrent block is one block of weights."""
+  if not m.weight_tied:
+    return ("config.model.weight_tied=False: model.kind='rd_dblock' runs ONE recurrent block at every noise level; "
+            'set config.model.weight_tied=True')
+  return None
+
+
 @dataclasses.dataclass(frozen=True)
 class Kind:
   """One `config.model.kind`."""
@@ -82,6 +140,13 @@ KINDS = {
     'ar_dblock': Kind('autoregressive', 'text:DiffusionBlocksAR', 'text', blockwise=True,
                       noise_plans=('release', 'matched'), solvers=('euler', 'heun', 'ancestral'),
                       model_rules=(_rotary_pairs,)),
+    # Language, recurrent depth (paper Table 5): a Huginn-style looped LM, and its DiffusionBlocks form with the
+    # recurrent block weight-tied (models/recurrent.py; fields in config.model.recurrent).
+    'rd': Kind('autoregressive', 'recurrent:RecurrentDepthLM', 'text', blockwise=False,
+               model_rules=(_rotary_pairs, _recurrent_depth)),
+    'rd_dblock': Kind('autoregressive', 'recurrent:RecurrentDiffusionBlocksAR', 'text', blockwise=True,
+                      noise_plans=('release', 'matched'), solvers=('euler', 'heun', 'ancestral'),
+                      model_rules=(_rotary_pairs, _recurrent_fields, _weight_tied_recurrence)),
 }
 
 
