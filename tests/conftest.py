@@ -13,10 +13,12 @@ tests/helpers.py.
 from __future__ import annotations
 
 import os
+import shutil
 
 import helpers
 
 os.environ['XLA_FLAGS'] = helpers.xla_flags(os.environ.get('XLA_FLAGS', ''))  # Before JAX starts (helpers.py).
+_SESSION_CACHE = helpers.share_compilation_cache()  # Before JAX starts: one XLA cache per session (helpers.py).
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
@@ -38,6 +40,13 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if 'long' in item.keywords:
       item.add_marker(skip)
+
+
+def pytest_unconfigure(config):
+  """The session's XLA cache goes with the session (removed by the process that made it: xdist's controller)."""
+  del config
+  if _SESSION_CACHE:
+    shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
 def make_tiny_model(config, seed: int = 0):

@@ -9,6 +9,7 @@ subprocess (with a shared persistent XLA cache when asked), and the config build
   FAST_XLA_FLAGS, xla_flags(flags)     XLA's cheaper CPU compilation, on in every test process and subprocess
   subprocess_env(**extra)               os.environ on the CPU, quiet TensorFlow, no traceback override
   cached_env(cache_dir, **extra)        the same with one persistent XLA cache shared by the runs that get it
+  share_compilation_cache()             one persistent XLA cache for the whole session (conftest.py calls it)
   tiny_config(kind, data, **overrides)  a small config of any model kind on the digits, CIFAR-100 or text data
   base_config(kind, **overrides)        config.get_base_config() at its full size, with a kind
   shipped_config(name, **overrides)     configs/<name> ('file.py' or 'file.py:arg') as shipped
@@ -24,6 +25,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 import types
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -69,11 +71,30 @@ def subprocess_env(**extra: str) -> dict[str, str]:
   return env
 
 
+# What makes JAX keep every compiled program in a persistent cache, whatever its size or compile time.
+_CACHE_ENV = dict(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+SESSION_CACHE_ENV = 'DIFFBLOCKS_TEST_XLA_CACHE'  # The session's cache folder, made once by the first process.
+
+
+def share_compilation_cache() -> str | None:
+  """One persistent XLA cache for the whole test session: the pytest processes (xdist's workers inherit the
+  controller's environment) and every subprocess they start. Many tests compile the same tiny programs (the
+  CLI runs of one config, the same step in several files); a hit loads the executable the first compile wrote,
+  so results are the same bits. A fresh folder per session: nothing carries over between sessions. Returns the
+  folder if this process made it (the one to remove it at the end), else None."""
+  made = None
+  if SESSION_CACHE_ENV not in os.environ:
+    made = os.environ[SESSION_CACHE_ENV] = tempfile.mkdtemp(prefix='diffblocks-test-xla-')
+  os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.environ[SESSION_CACHE_ENV])
+  for name, value in _CACHE_ENV.items():
+    os.environ.setdefault(name, value)
+  return made
+
+
 def cached_env(cache_dir, **extra: str) -> dict[str, str]:
   """subprocess_env with one persistent XLA cache in `cache_dir`: runs that share it compile once (a cache hit
   loads the same executable, so bit-for-bit comparisons between the runs still hold)."""
-  return subprocess_env(JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-                        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0', **extra)
+  return subprocess_env(JAX_COMPILATION_CACHE_DIR=str(cache_dir), **_CACHE_ENV, **extra)
 
 
 def cli_command(*args) -> list[str]:
