@@ -38,7 +38,7 @@ def synthetic_data(num_train: int = 70, num_test: int = 20, seed: int = 0):
                                 'synthetic')
 
 
-def testing_config(kind: str = 'vit'):
+def cifar_shaped_config(kind: str = 'vit'):
   """configs/testing.py (CIFAR-100-shaped) with batches of 16: two rows per device on 8 devices."""
   return shipped_config(f'testing.py:{kind}', train__batch_size=16)
 
@@ -67,14 +67,14 @@ def data_parallel_worker(out: str, kind: str) -> None:
   data = synthetic_data()
   results = {}
   for devices in (1, 8):
-    config = testing_config(kind)
+    config = cifar_shaped_config(kind)
     config.mesh.data = devices
     losses, params, mesh_size, split_sharding = _train(config, data, num_steps=6)
     assert mesh_size == devices and len(split_sharding.device_set) == devices, (mesh_size, split_sharding)
     results[f'losses_{devices}'] = losses
     results.update({f'{devices}/{k}': v for k, v in params.items()})
   # The gather of a batch from the row-sharded split, padding included (70 rows over 8 devices).
-  mesh = sharding.make_mesh(testing_config(kind))
+  mesh = sharding.make_mesh(cifar_shaped_config(kind))
   split = sharding.put_rows(mesh, data.train_images)
   rows = np.array([69, 0, 8, 9, 35, 63, 64, 1, 2, 3, 4, 5, 6, 7, 17, 68])
   padded = sharding.padded_rows(mesh, len(data.train_images))
@@ -115,7 +115,7 @@ def test_global_rows_skip_padding():
 def test_single_device_mesh_and_split():
   import jax  # pylint: disable=g-import-not-at-top
   from diffblocks_jax.training import sharding  # pylint: disable=g-import-not-at-top
-  config = testing_config()
+  config = cifar_shaped_config()
   mesh = sharding.make_mesh(config)
   assert mesh.axis_names == ('data',) and mesh.size == jax.device_count()
   config.mesh.data = jax.device_count() + 1
