@@ -284,3 +284,52 @@ def test_clean_ce_weight_adds_the_clean_paths_next_token_cross_entropy():
   expected = optax.softmax_cross_entropy_with_integer_labels(jnp.asarray(ref['logits'])[:, :-1], ids[:, 1:]).mean()
   np.testing.assert_allclose(aux['clean_ce'], expected, rtol=1e-5)
   np.testing.assert_allclose(losses[0.5] - losses[0.0], 0.5 * expected, rtol=1e-4)
+
+
+# ------------------------------------------------------------------ the command line: init_from=hf:
+
+def fixture_corpus(tmp_path) -> str:
+  """A text of exactly the fixture's 64 characters (its char vocabulary is the checkpoint's), 6k characters."""
+  chars = [chr(c) for c in range(ord('0'), ord('0') + VOCAB)]
+  rng = np.random.default_rng(0)
+  path = tmp_path / 'corpus.txt'
+  path.write_text(''.join(chars) + ''.join(rng.choice(chars, 6000)))
+  return str(path)
+
+
+def cli_flags(corpus: str) -> list[str]:
+  return ['--config.data.source=text', f'--config.data.path={corpus}', '--config.data.seq_len=16',
+          '--config.train.batch_size=16', '--config.train.steps_per_call=10', '--config.train.log_every_steps=10',
+          '--config.train.eval_every_epochs=0', '--config.eval.batch_size=64', '--config.eval.num_samples=2',
+          '--config.model.dropout=0.0']
+
+
+@pytest.mark.slow
+def test_cli_fine_tunes_from_a_checkpoint_folder_and_resumes(tmp_path):
+  """configs/text_hf.py:FOLDER trains from the checkpoint (a char corpus of the checkpoint's 64 characters),
+  resumes for a second epoch, and --mode=eval reads the run back."""
+  folder, corpus, workdir = os.path.join(FIXTURES, 'llama_gqa'), fixture_corpus(tmp_path), str(tmp_path / 'run')
+  config = f'--config=configs/text_hf.py:{folder}'
+  out = helpers.run_cli(config, f'--workdir={workdir}', '--config.train.num_epochs=1', *cli_flags(corpus))
+  assert out.returncode == 0, out.stderr[-3000:]
+  records = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  assert records[-1]['step'] > 0 and 'eval/bpc' in records[-1]
+  first = records[-1]['step']
+  out = helpers.run_cli(config, f'--workdir={workdir}', '--config.train.num_epochs=2', *cli_flags(corpus))
+  assert out.returncode == 0, out.stderr[-3000:]
+  records = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  assert records[-1]['step'] == 2 * first
+  out = helpers.run_cli(f'--workdir={workdir}', '--mode=eval')
+  assert out.returncode == 0, out.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_cli_refuses_a_bad_checkpoint_in_one_line_and_writes_nothing(tmp_path):
+  folder = copy_fixture(tmp_path)
+  rewrite(folder, lambda t: t.pop('model.norm.weight'))
+  workdir = tmp_path / 'run'
+  out = helpers.run_cli(f'--config=configs/text_hf.py:{folder}', f'--workdir={workdir}',
+                        *cli_flags(fixture_corpus(tmp_path)))
+  assert out.returncode == 2, out.stderr[-3000:]
+  assert 'lacks tensor model.norm.weight' in out.stderr and 'Traceback' not in out.stderr
+  assert not workdir.exists() or not any(workdir.iterdir())

@@ -131,7 +131,8 @@ class RotaryAttention(nnx.Module):
     self.rope = rope_settings(cfg) if cfg is not None and (cfg.rope_scaling or cfg.rope_theta != 10000.0) else None
     kv = kv_heads * (hidden // heads)
     self.query = linear(hidden, hidden, dtype, rngs, bias=qkv_bias)
-    self.key, self.value = linear(hidden, kv, dtype, rngs, bias=qkv_bias), linear(hidden, kv, dtype, rngs, bias=qkv_bias)
+    self.key = linear(hidden, kv, dtype, rngs, bias=qkv_bias)
+    self.value = linear(hidden, kv, dtype, rngs, bias=qkv_bias)
     self.out = linear(hidden, hidden, dtype, rngs, bias=out_bias)
 
   def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array) -> jax.Array:

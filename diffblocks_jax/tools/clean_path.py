@@ -1,11 +1,12 @@
 """Held-out next-character bits of a language run's clean path (issue 25, docs/finetune.md).
 
-  python -m diffblocks_jax.tools.clean_path --workdir=workdirs/text_ar_dblock_ft_0.1
+  python -m diffblocks_jax.tools.clean_path --workdir=workdirs/text_ar_dblock_ft_0.1 [--at_init]
 
 For an autoregressive DiffusionBlocks run, each block's clean half of [clean | noisy] is a causal LM of its own
 layers (what `diffusion.clean_ce_weight` trains): its cross-entropy of x_{i+1} given x_{<=i} on the held-out
 windows, in bits per character, σ drawn from the block's own range as eval/ce_block{b} draws it. For an
-end-to-end run, the same positions (1..L-1) under the plain LM, so the numbers compare. Prints one JSON line.
+end-to-end run, the same positions (1..L-1) under the plain LM, so the numbers compare. `--at_init`: the
+parameters the run started from (its config.train.init_from), not its checkpoint. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from flax import nnx
 
 from diffblocks_jax import config as config_lib
 from diffblocks_jax.tasks import autoregressive, language
-from diffblocks_jax.training import experiment
+from diffblocks_jax.training import experiment, initialisation
 
 
 def clean_bits(exp, params, key) -> dict[str, float]:
@@ -54,12 +55,21 @@ def main(argv):
   del argv
   workdir = flags.FLAGS.workdir
   config = config_lib.load_workdir(workdir)
-  exp, state = experiment.load_trained(config, workdir, step=flags.FLAGS.step or None)
-  print(json.dumps({'workdir': workdir, **clean_bits(exp, state.params, jax.random.key(0))}))
+  if flags.FLAGS.at_init:
+    exp = experiment.build_experiment(config)
+    params = initialisation.initial_params(config, exp.data)
+    if params is None:
+      raise SystemExit(f'{workdir}: config.train.init_from is empty; --at_init has nothing to read')
+  else:
+    exp, state = experiment.load_trained(config, workdir, step=flags.FLAGS.step or None)
+    params = state.params
+  print(json.dumps({'workdir': workdir, 'at_init': flags.FLAGS.at_init, **clean_bits(exp, params,
+                                                                                     jax.random.key(0))}))
 
 
 if __name__ == '__main__':
   flags.DEFINE_string('workdir', None, 'A trained autoregressive run (end to end or DiffusionBlocks).')
   flags.DEFINE_integer('step', 0, 'Checkpoint step (0 = the latest).')
+  flags.DEFINE_bool('at_init', False, "The parameters the run started from (config.train.init_from).")
   flags.mark_flag_as_required('workdir')
   app.run(main)
