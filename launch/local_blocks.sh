@@ -5,6 +5,7 @@
 #   launch/local_blocks.sh B CONFIG WORKDIR [--config.field=value ...]
 #   launch/local_blocks.sh 3 configs/digits_dblock.py workdirs/digits_blocks
 #   JOBS=3 GPUS=0,1,2 launch/local_blocks.sh 3 configs/cifar100_dblock.py workdirs/c100_blocks
+#   SHARED_FROM=workdirs/digits launch/local_blocks.sh 3 configs/digits_dblock.py workdirs/d   (outer parts frozen)
 #
 # B must be the config's number of blocks. JOBS: how many jobs run at once (default 1: one after another; side by
 # side, job b logs to WORKDIR/block<b>.log). GPUS: job b sees GPU number b mod the list's length
@@ -12,7 +13,7 @@
 # not exist. A failed job stops the script before the merge; the jobs that finished stay finished.
 set -euo pipefail
 if (($# < 3)); then
-  sed -n '2,12p' "$0" >&2
+  sed -n '2,13p' "$0" >&2
   exit 2
 fi
 B=$1 CONFIG=$2 WORKDIR=$3
@@ -20,15 +21,24 @@ shift 3
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python )}
 JOBS=${JOBS:-1}
+# SHARED_FROM=W: the blocks share the outer parts (embeddings, head) frozen from the trained run W, whose weights
+# start every job (config.train.init_from, freeze_shared), instead of each block owning a copy of them
+# (model.independent_blocks, the default here).
+if [[ -n "${SHARED_FROM:-}" ]]; then
+  JOB_FLAGS=(--config.train.init_from="$SHARED_FROM" --config.train.freeze_shared=True --config.parallel_blocks=True)
+else
+  JOB_FLAGS=(--config.model.independent_blocks=True --config.parallel_blocks=True)
+fi
 IFS=, read -r -a gpus <<<"${GPUS:-}"
 mkdir -p "$WORKDIR"
 
 run_block() {
   local b=$1
+  shift
   local env=()
   ((${#gpus[@]})) && env=(CUDA_VISIBLE_DEVICES="${gpus[$((b % ${#gpus[@]}))]}")
   env "${env[@]}" "$PYTHON" -m diffblocks_jax.main --config="$CONFIG" --workdir="$WORKDIR/block$b" \
-    --config.model.independent_blocks=True --config.parallel_blocks=True --config.train.blocks="$b" "$@"
+    "${JOB_FLAGS[@]}" --config.train.blocks="$b" "$@"
 }
 
 failed=0

@@ -7,6 +7,7 @@
 #   launch/slurm_blocks.sh B CONFIG WORKDIR [--config.field=value ...]
 #   launch/slurm_blocks.sh 3 configs/cifar100_dblock.py /shared/workdirs/c100_blocks
 #   SBATCH_ARGS="--gpus=1 --time=12:00:00 --partition=gpu" launch/slurm_blocks.sh 3 configs/digits_dblock.py /shared/d
+#   SHARED_FROM=/shared/source launch/slurm_blocks.sh 3 configs/digits_dblock.py /shared/d   (outer parts frozen)
 #
 # B must be the config's number of blocks. Task b writes WORKDIR/block<b> (its log: WORKDIR/block<b>.out), the
 # merge WORKDIR/merged (WORKDIR/merge.out). SBATCH_ARGS: the tasks' sbatch options (default: one GPU, 24 h).
@@ -15,7 +16,14 @@
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 PYTHON=${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python )}
-JOB_FLAGS=(--config.model.independent_blocks=True --config.parallel_blocks=True)
+# SHARED_FROM=W: the blocks share the outer parts (embeddings, head) frozen from the trained run W, whose weights
+# start every job (config.train.init_from, freeze_shared), instead of each block owning a copy of them
+# (model.independent_blocks, the default here).
+if [[ -n "${SHARED_FROM:-}" ]]; then
+  JOB_FLAGS=(--config.train.init_from="$SHARED_FROM" --config.train.freeze_shared=True --config.parallel_blocks=True)
+else
+  JOB_FLAGS=(--config.model.independent_blocks=True --config.parallel_blocks=True)
+fi
 
 if [[ "${1:-}" == --task ]]; then  # Inside the array: block $SLURM_ARRAY_TASK_ID.
   CONFIG=$2 WORKDIR=$3
@@ -31,7 +39,7 @@ if [[ "${1:-}" == --merge ]]; then  # After the array: every block's workdir int
 fi
 
 if (($# < 3)); then
-  sed -n '2,14p' "$0" >&2
+  sed -n '2,15p' "$0" >&2
   exit 2
 fi
 B=$1 CONFIG=$2 WORKDIR=$3

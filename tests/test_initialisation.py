@@ -20,15 +20,16 @@ from diffblocks_jax.training import block_jobs, checkpointing, experiment, initi
 
 
 def source_config(**overrides):
-  """Digits, B = 3 blocks of one layer sharing their outer parts; 33 steps (11 per epoch, 3 epochs for B = 3)."""
-  return tiny_config('dblock', 'digits', train__batch_size=128, train__steps_per_call=33,
-                     train__log_every_steps=33, train__eval_every_epochs=0.0, eval__batch_size=360, **overrides)
+  """Digits, B = 3 blocks of one layer sharing their outer parts; one epoch of 11 steps."""
+  return tiny_config('dblock', 'digits', train__batch_size=128, train__steps_per_call=11,
+                     train__log_every_steps=11, train__eval_every_epochs=0.0, eval__batch_size=360,
+                     train__scale_epochs_by_blocks=False, **overrides)
 
 
 def frozen_job_config(source: str, blocks=()):
   """The block-parallel run of the source's config with the outer parts frozen from it; `blocks`: a job's."""
   return source_config(train__init_from=source, train__freeze_shared=True, parallel_blocks=True,
-                       train__blocks=tuple(blocks), train__scale_epochs_by_blocks=False)
+                       train__blocks=tuple(blocks))
 
 
 @pytest.fixture(scope='module')
@@ -64,7 +65,7 @@ def test_a_new_run_starts_from_the_source_weights_and_a_fresh_optimizer(source):
   state = exp.init_state(initialisation.initial_params(config, exp.data))
   _, trained = experiment.load_trained(source_config(), source)
   assert_trees_equal(host(state.params), host(trained.params))
-  assert int(state.step) == 0 and int(trained.step) == 33
+  assert int(state.step) == 0 and int(trained.step) == 11
   fresh = host(steps.init_opt_state(state.params))
   assert_trees_equal(host(state.opt_state), fresh)  # Zero moments, zero counts: fine-tuning starts afresh.
 
