@@ -335,3 +335,17 @@ def test_cli_refuses_a_bad_checkpoint_in_one_line_and_writes_nothing(tmp_path):
   assert 'lacks tensor model.norm.weight' in last and 'Traceback' not in out.stderr, out.stderr[-2000:]
   # No config, no checkpoint (the run's lock may have made the folder).
   assert not (workdir / 'config.json').exists() and not (workdir / 'checkpoints').exists()
+
+
+def test_vit_into_concat_blocks_keeps_cls_and_resizes_positions():
+  """dblock with the paper's 'concat' label token at another image size: the CLS token and the resized grid come
+  from the checkpoint, the label token's position is a fresh row; every block gets the same outer parts."""
+  folder = os.path.join(FIXTURES, 'vit')
+  config = vit_config('dblock', folder, model__label_token='concat', model__num_blocks=2, model__num_layers=2)
+  _, params, _ = imported(config, folder, image_size=12, channels=3, num_classes=4)
+  files = pretrained.SafetensorsFolder(folder)
+  pos = files.array('vit.embeddings.position_embeddings')
+  shared = params['shared']
+  assert shared['pos_embed'].shape == (1, 1 + 9 + 1, config.model.hidden_size)
+  np.testing.assert_allclose(shared['pos_embed'][:, :10], pretrained.interpolate_positions(pos, 10), rtol=1e-6)
+  np.testing.assert_array_equal(shared['cls_token'], files.array('vit.embeddings.cls_token'))
