@@ -227,7 +227,8 @@ def test_the_flops_estimate_agrees_with_xla_on_a_forward_pass():
   assert counted['flops'] == pytest.approx(estimate, rel=0.25), (counted['flops'], estimate)
 
 
-@pytest.mark.slow  # Two tiny CLI trainings (~a minute on 2 cores, mostly compiling).
+@pytest.mark.slow  # Three tiny trainings, two resumed and evaluated through the CLI: 11 min on the loaded 2 cores.
+@pytest.mark.long
 def test_tiny_runs_train_resume_and_evaluate_at_another_depth(tmp_path):
   """rd_dblock from the CLI: train one epoch, resume to two, --mode=eval at N = 5 sampler steps (B = 3); rd in
   process, scored by nothing (its figures: eval/bpc at its evaluation depth, eval/train_flops)."""
