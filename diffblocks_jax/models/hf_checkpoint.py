@@ -142,6 +142,7 @@ def hf_model_fields(folder: str) -> dict[str, Any]:
                 num_kv_heads=hf.get('num_key_value_heads') or heads, mlp_width=hf['intermediate_size'],
                 norm_eps=float(hf.get('rms_norm_eps', 1e-6)),
                 tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
+                # The end-to-end LM's first input token; a checkpoint without one starts sequences with token 0.
                 bos_token=hf['bos_token_id'] if hf.get('bos_token_id') is not None else 0,
                 attention_bias=arch == 'Qwen2ForCausalLM' or bool(hf.get('attention_bias')),
                 attention_out_bias=arch == 'LlamaForCausalLM' and bool(hf.get('attention_bias')),
