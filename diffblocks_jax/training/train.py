@@ -247,7 +247,9 @@ def _train_loop(config, workdir: str, lead: bool, stop: _StopFlag) -> dict[str, 
       logging.info('Block job: trains blocks %s of %d as the block-parallel run does, no evaluation (merge the '
                    'jobs: %s).', exp.blocks, exp.num_blocks, block_jobs.MERGE_HINT)
     if start is None:
-      logging.info('Starting from scratch: %d steps (%d per epoch).', exp.total_steps, exp.steps_per_epoch)
+      origin = (f'from the weights of {config.train.init_from}' if config.train.init_from else 'from scratch') + (
+          ', the shared outer parts frozen' if config.train.freeze_shared else '')
+      logging.info('Starting %s: %d steps (%d per epoch).', origin, exp.total_steps, exp.steps_per_epoch)
       for line in getattr(exp.task, 'start_lines', lambda exp: [])(exp):
         logging.info('%s', line)
     else:
