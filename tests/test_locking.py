@@ -60,3 +60,24 @@ def test_cli_refuses_a_busy_workdir_with_one_message(tmp_path):
   assert result.returncode == 2, result.stderr[-2000:]
   assert f'is in use by process {proc.pid}' in result.stderr and 'Traceback' not in result.stderr
   assert not os.path.exists(tmp_path / 'config.json')  # Refused before writing anything.
+
+
+def test_a_run_refused_before_writing_leaves_no_folder_it_made(tmp_path):
+  """The lock makes a new workdir; a run that fails before writing anything takes it away again, and leaves a
+  folder that existed, or one something was written into, as it is."""
+  new = tmp_path / 'new'
+  with pytest.raises(ValueError), locking.WorkdirLock(str(new)):
+    raise ValueError('refused')
+  assert not new.exists()
+  with pytest.raises(ValueError), locking.WorkdirLock(str(new)):
+    (new / 'config.json').write_text('{}')
+    raise ValueError('refused after writing')
+  assert (new / 'config.json').exists()
+  old = tmp_path / 'old'
+  old.mkdir()
+  with pytest.raises(ValueError), locking.WorkdirLock(str(old)):
+    raise ValueError('refused')
+  assert old.exists()
+  with locking.WorkdirLock(str(tmp_path / 'done')):
+    pass
+  assert (tmp_path / 'done' / locking.LOCK_FILE).exists()  # A run that ends normally keeps its folder.

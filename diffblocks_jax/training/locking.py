@@ -28,10 +28,12 @@ class WorkdirLock:
     self.path = os.path.join(workdir, LOCK_FILE)
     self.enabled = enabled
     self._file = None
+    self._made = False  # Whether __enter__ made the workdir (then a run refused before writing removes it).
 
   def __enter__(self) -> WorkdirLock:
     if not self.enabled:
       return self
+    self._made = not os.path.exists(os.path.dirname(self.path))
     os.makedirs(os.path.dirname(self.path), exist_ok=True)
     f = open(self.path, 'a+')  # pylint: disable=consider-using-with  (held until __exit__)
     try:
@@ -56,8 +58,17 @@ class WorkdirLock:
     self._file = f
     return self
 
-  def __exit__(self, *exc) -> None:
+  def __exit__(self, exc_type, *exc) -> None:
     if self._file is not None:
+      workdir = os.path.dirname(self.path)
+      if exc_type is not None and self._made and os.listdir(workdir) == [LOCK_FILE]:
+        # A run refused before it wrote anything (a bad config, an init_from that does not fit) leaves no folder
+        # behind. The file goes while still locked: a run that opens it meanwhile finds it busy.
+        os.remove(self.path)
+        try:
+          os.rmdir(workdir)
+        except OSError:  # Something appeared in it after all: keep the folder.
+          pass
       fcntl.flock(self._file, fcntl.LOCK_UN)
       self._file.close()
       self._file = None
