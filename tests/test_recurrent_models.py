@@ -95,6 +95,7 @@ def test_the_depth_draw_never_gives_zero_and_has_the_configured_mean(distributio
   assert len(np.unique(draws)) > 5  # A distribution, not a constant.
 
 
+@pytest.mark.slow  # Compiles the while loop and scan of the unrolls several times (quick tier budget).
 def test_truncation_stops_gradients_before_the_last_k_unrolls():
   """With r = 6 and k = 2 the gradients are those of a plain loop whose first 4 unrolls are constants; with k = r
   those of full backpropagation; and the two differ (the truncation changes the gradient)."""
@@ -111,6 +112,7 @@ def test_truncation_stops_gradients_before_the_last_k_unrolls():
   assert max(jax.tree.leaves(difference)) > 1e-4
 
 
+@pytest.mark.slow  # Compiles the while loop and scan of the unrolls several times (quick tier budget).
 def test_evaluation_runs_a_fixed_depth_set_by_eval_num_inference_steps():
   config = rd_config(depth_distribution='lognormal_poisson', mean_depth=4.4)
   graphdef, params = jittered(models.build(config.model, **DIMS))
