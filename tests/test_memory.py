@@ -24,7 +24,7 @@ from diffblocks_jax.data import input_pipeline
 from diffblocks_jax.tasks import registry
 from diffblocks_jax.tools import memory
 from diffblocks_jax.training import experiment, sharding, train
-from helpers import ROOT, subprocess_env, tiny_config
+from helpers import ROOT, shipped_config, subprocess_env, tiny_config
 
 
 
@@ -178,3 +178,17 @@ def test_planner_against_measured_peaks(name):
   errors = [float(line.rsplit('error', 1)[1].strip(' %')) for line in result.stdout.splitlines()
             if line.startswith('measured')]
   assert errors and all(abs(e) <= memory.MEASURED_ERROR_PERCENT for e in errors), result.stdout
+
+
+def test_row_configs_keep_what_each_kind_accepts():
+  """A weight-tied config's end-to-end rows untie (an end-to-end kind has no blocks); a kind tied by definition
+  ('rd_dblock') stays tied in every block-wise row; the counterpart follows the model module ('cnn' for
+  'cnn_dblock')."""
+  tied = shipped_config('digits_dblock.py', model__weight_tied=True)
+  for row in memory.ROWS:
+    c = memory.row_config(tied, row)
+    config_lib.validate(c)
+    assert c.model.weight_tied == row.blockwise
+  rd = shipped_config('text_rd_dblock.py', model__weight_tied=False)
+  assert all(memory.row_config(rd, row).model.weight_tied for row in memory.ROWS if row.blockwise)
+  assert memory.row_config(shipped_config('digits_cnn_dblock.py'), memory.ROWS[0]).model.kind == 'cnn'

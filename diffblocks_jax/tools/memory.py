@@ -181,6 +181,13 @@ def paired_kinds(kind: str) -> dict[bool, str]:
   return {this.blockwise: kind, not this.blockwise: other}
 
 
+def _refused(kind: registry.Kind, model_config, **fields) -> bool:
+  """Whether one of the kind's own rules refuses `model_config` with `fields` set."""
+  m = model_config.copy_and_resolve_references()
+  m.update(fields)
+  return any(rule(m) for rule in kind.model_rules)
+
+
 def row_config(config, row: Row):
   """The config of one row, remat off (remat rows are estimated: `plan_remat`): its kind, offload; one device;
   one block for a one-block job."""
@@ -191,6 +198,10 @@ def row_config(config, row: Row):
     c.diffusion.noise_plan = kind.noise_plans[0]
   if c.eval.solver not in kind.solvers:
     c.eval.solver = kind.solvers[0]
+  if not kind.blockwise:
+    c.model.weight_tied = False  # An end-to-end kind has no blocks to tie.
+  elif not c.model.weight_tied and _refused(kind, c.model) and not _refused(kind, c.model, weight_tied=True):
+    c.model.weight_tied = True  # A kind that is weight-tied by definition ('rd_dblock', the recurrent block).
   c.model.remat = ''
   c.train.offload_idle_blocks = row.offload
   c.mesh.data, c.parallel_blocks = 1, False
