@@ -89,6 +89,7 @@ def _step_temp(kind: str, num_blocks: int = 1) -> int:
 
 
 @pytest.mark.slow  # Compiles several training steps.
+@pytest.mark.long  # 63 s; by default tests/test_memory.py checks the planner's rows against independent counts.
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='figures checked on the CPU compiler')
 def test_block_step_needs_a_fraction_of_the_baseline_temp_memory():
   baseline = _step_temp('vit')

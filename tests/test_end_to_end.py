@@ -95,6 +95,7 @@ def test_cli_corrupt_latest_checkpoint_falls_back_and_loses_nothing(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long  # 31 s; by default the folder loader's own tests (tests/test_input_pipeline.py) read the layout.
 def test_tinyimagenet_config_trains_from_a_folder_in_its_layout(tmp_path):
   """The Tiny-ImageNet config's data side as shipped (folder layout, RandomResizedCrop, flip, ImageNet
   statistics); the model cut to a CPU size, which is not what this test is about."""

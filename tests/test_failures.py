@@ -178,6 +178,7 @@ def check_ctrl_c(tmp_path, points):
 # The default suite presses Ctrl-C after a progress line (SIGTERM, the same stop flag, is tested before the first
 # step and after an evaluation in tests/test_train.py); the opt-in run also presses it while the data loads and
 # right after an evaluation.
+@pytest.mark.long  # 135 s; the stop flag's save-and-resume by default: SIGTERM while loading (tests/test_train.py).
 def test_ctrl_c_saves_the_step_and_resumes_bit_for_bit_a_second_stops_at_once(tmp_path):
   check_ctrl_c(tmp_path, ['step 6/33'])
 
@@ -216,6 +217,7 @@ def small_disk(folder: pathlib.Path, size: str):
     subprocess.run(['umount', '-l', str(folder)], check=False)
 
 
+@pytest.mark.long  # 69 s on a real tmpfs; by default test_a_failed_write_is_one_line_naming_the_folder_simulated.
 def test_a_full_disk_at_a_checkpoint_is_one_line_and_removes_the_partial_step(tmp_path):
   with small_disk(tmp_path / 'disk', '3m') as disk:
     workdir = disk / 'run'

@@ -305,6 +305,7 @@ def cli_flags(corpus: str) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.long  # 60 s; by default: parity, the CLI's refusal, and a new run from init_from (test_initialisation.py).
 def test_cli_fine_tunes_from_a_checkpoint_folder_and_resumes(tmp_path):
   """configs/text_hf.py:FOLDER trains from the checkpoint (a char corpus of the checkpoint's 64 characters),
   resumes for a second epoch, and --mode=eval reads the run back."""

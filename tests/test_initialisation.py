@@ -71,7 +71,8 @@ def test_a_new_run_starts_from_the_source_weights_and_a_fresh_optimizer(source):
 
 
 @pytest.mark.slow
-def test_block_jobs_with_frozen_shared_parts_merge_into_a_run(source, tmp_path):
+@pytest.mark.long  # 60 s; by default: the frozen step (below), the jobs' command lines (test_launch.py), the merge
+def test_block_jobs_with_frozen_shared_parts_merge_into_a_run(source, tmp_path):  # (test_block_jobs.py).
   """Three jobs, one per block, each training its row with the outer parts frozen from the source: the merge
   holds the source's shared parts bit for bit, each job's row, no Adam state for the shared parts, and
   evaluates."""

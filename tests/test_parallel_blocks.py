@@ -72,7 +72,8 @@ def parallel_worker(workdir: str, out: str) -> None:
 # ---------------------------------------------------------------------------------------------------- tests
 
 @pytest.mark.slow
-def test_three_blocks_on_three_devices(tmp_path):
+@pytest.mark.long  # 46 s; by default the block-parallel run on 3 devices runs in tests/test_block_jobs.py's
+def test_three_blocks_on_three_devices(tmp_path):  # equivalence, and its step in the test below.
   out = tmp_path / 'report.json'
   env = subprocess_env(XLA_FLAGS='--xla_force_host_platform_device_count=3')
   try:

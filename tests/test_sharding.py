@@ -87,7 +87,8 @@ def data_parallel_worker(out: str, kind: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------- tests
 
-@pytest.mark.parametrize('kind', ['vit', 'dit_dblock'])  # Generation: labels are the inputs, images the target.
+# Generation (labels are the inputs, images the target) is long: 39 s more for the same sharding code.
+@pytest.mark.parametrize('kind', ['vit', pytest.param('dit_dblock', marks=pytest.mark.long)])
 @pytest.mark.slow
 def test_eight_devices_match_one(tmp_path, kind):
   out = tmp_path / 'results.npz'
