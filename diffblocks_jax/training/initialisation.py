@@ -14,7 +14,6 @@ The optimizer state starts afresh either way; a resumed run reads its own checkp
 
 from __future__ import annotations
 
-import importlib
 import os
 from typing import Any
 
@@ -24,6 +23,7 @@ from flax import nnx
 
 from diffblocks_jax import config as config_lib
 from diffblocks_jax import models
+from diffblocks_jax.models import pretrained
 from diffblocks_jax.tasks import registry
 
 PyTree = Any
@@ -38,11 +38,6 @@ def abstract_params(config, data) -> PyTree:
   model = nnx.eval_shape(lambda: models.build(config.model, sigma_data=config.diffusion.sigma_data,
                                               **data.model_dims))
   return models.split(model)[1]
-
-
-def _pretrained():
-  """models.pretrained, the importers of other formats; imported only when a run names such a source."""
-  return importlib.import_module('diffblocks_jax.models.pretrained')
 
 
 def _from_workdir(config, data, workdir: str, abstract: PyTree) -> PyTree:
@@ -67,22 +62,14 @@ def _from_workdir(config, data, workdir: str, abstract: PyTree) -> PyTree:
   if source.model.kind == kind:
     return params
   try:
-    return _pretrained().from_end_to_end(params, source.model, config.model, abstract)
-  except ModuleNotFoundError:
-    raise _error(config, f'starting a {kind!r} run from a {source.model.kind!r} run needs '
-                 'diffblocks_jax/models/pretrained.py, which this installation lacks') from None
+    return pretrained.from_end_to_end(params, source.model, config.model, abstract)
   except ValueError as e:
     raise _error(config, str(e)) from None
 
 
 def _from_hf(config, folder: str, abstract: PyTree) -> PyTree:
   try:
-    load_hf = _pretrained().load_hf
-  except (ModuleNotFoundError, AttributeError):
-    raise _error(config, 'Hugging Face import needs diffblocks_jax/models/pretrained.py, which this installation '
-                 'lacks') from None
-  try:
-    return load_hf(os.path.expanduser(folder), config.model, abstract)
+    return pretrained.load_hf(os.path.expanduser(folder), config.model, abstract)
   except ValueError as e:
     raise _error(config, str(e)) from None
 
