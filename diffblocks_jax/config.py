@@ -45,7 +45,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   d.randaugment_num_ops = 2
   d.randaugment_magnitude = 9
   # Text (sources 'text' and 'pydoc'):
-  d.vocab = 'char'  # 'char' (the corpus's characters, sorted) or 'byte' (UTF-8 bytes, 256 tokens).
+  d.vocab = 'char'  # 'char' (the corpus's characters, sorted), 'byte' (UTF-8 bytes, 256 tokens) or 'tokenizer'.
+  d.tokenizer = ''  # vocab 'tokenizer': a Hugging Face tokenizer.json, or the checkpoint folder holding one.
+  d.vocab_size = 0  # vocab 'tokenizer': the model's token rows (0 = the tokenizer's size; a checkpoint's, e.g.
+  # Qwen2.5's 151,936 for 151,665 tokens, where it rounds its vocabulary up).
   d.seq_len = 128  # Tokens per training and held-out sequence (non-overlapping windows of the stream).
   d.test_fraction = 0.1  # Held-out split: this contiguous tail of the stream (a file or 'pydoc'; TFDS: test_split).
   d.text_key = 'text'  # TFDS feature holding the text (text8, lm1b: 'text').
@@ -191,7 +194,7 @@ REMAT_POLICIES = ('', 'nothing_saveable', 'dots_saveable', 'dots_with_no_batch_d
 
 _CHOICES = {
     'data.source': tuple(registry.SOURCES),
-    'data.vocab': ('char', 'byte'),
+    'data.vocab': ('char', 'byte', 'tokenizer'),
     'data.on_corrupt': ('error', 'skip'),
     'model.kind': tuple(registry.KINDS),
     'eval.solver': ('euler', 'heun', 'ancestral'),

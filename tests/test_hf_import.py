@@ -26,7 +26,7 @@ from diffblocks_jax.models import pretrained
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'hf')
 TEXT = ('llama_gqa', 'llama_tied', 'llama_rope_linear', 'llama3_rope', 'qwen2')
-VOCAB = 64
+VOCAB = 64  # Their vocab_size; llama_tokenizer's is 400 rows (tests/test_tokenizer.py).
 
 
 def rel_err(ours, theirs) -> float:
@@ -54,12 +54,14 @@ def ar_logits(model, ids):
   return model.logits(tokens)
 
 
-@pytest.mark.parametrize('name', TEXT)
+@pytest.mark.parametrize('name', TEXT + ('llama_tokenizer',))
 def test_llama_family_logits_equal_transformers(name):
   folder = os.path.join(FIXTURES, name)
   ref = np.load(os.path.join(folder, 'reference.npz'))
   config = text_config('ar', folder)
-  model, params, abstract = imported(config, folder)
+  with open(os.path.join(folder, 'config.json')) as f:
+    rows = json.load(f)['vocab_size']
+  model, params, abstract = imported(config, folder, vocab_size=rows, seq_len=16)
   assert jax.tree.map(lambda x: (x.shape, x.dtype), params) == jax.tree.map(lambda x: (x.shape, x.dtype), abstract)
   assert rel_err(ar_logits(model, jnp.asarray(ref['input_ids'])), ref['logits']) <= 1e-5
 

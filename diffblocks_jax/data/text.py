@@ -8,8 +8,14 @@ characters (held out); a TFDS dataset has its own `data.train_split` and `data.t
 (for choosing settings without the test text).
 
 Vocabularies (`config.data.vocab`): 'char', the sorted characters of the whole corpus (both splits, so the
-held-out split has no unknown character), or 'byte', the 256 UTF-8 byte values. Encoding is vectorised with
-NumPy (a codepoint lookup table), so that text8's 100M characters take about a second, not minutes.
+held-out split has no unknown character), 'byte', the 256 UTF-8 byte values, or 'tokenizer', a Hugging Face
+tokenizer.json (`config.data.tokenizer`; data/tokenizer.py), whose ids a checkpoint's embedding reads. Encoding
+characters is vectorised with NumPy (a codepoint lookup table), so that text8's 100M characters take about a
+second, not minutes.
+
+Held-out figures are per character whatever the vocabulary: `TextDataset.tokens_per_char` (1 for 'char' and,
+per byte, for 'byte'; the held-out windows' tokens over the characters they cover for a tokenizer) turns nats per
+token into bits per character (`tasks.language.bits_per_char`), so runs with different vocabularies compare.
 """
 
 from __future__ import annotations
@@ -22,10 +28,11 @@ import pathlib
 from absl import logging
 import numpy as np
 
+from diffblocks_jax.data import tokenizer as tokenizer_lib
 from diffblocks_jax.data.dataset import DataError
 from diffblocks_jax.tasks import registry
 
-VOCABS = ('char', 'byte')
+VOCABS = ('char', 'byte', 'tokenizer')
 _NUM_CODEPOINTS = 0x110000  # Unicode's code space: the size of the codepoint -> token lookup table.
 _TFDS_CHUNK = 1024  # Examples per batched read from a TFDS data source.
 
@@ -38,8 +45,11 @@ def _token_dtype(vocab_size: int) -> np.dtype:
 class TextDataset:
   train_tokens: np.ndarray  # (N, seq_len), uint8 when vocab_size <= 256 else int32: non-overlapping windows.
   test_tokens: np.ndarray  # (M, seq_len), same dtype: the held-out windows.
-  vocab: tuple[str, ...] | None  # Character vocabulary (token id -> character); None for byte-level.
+  vocab: tuple[str, ...] | None  # Character vocabulary (token id -> character); None for bytes or a tokenizer.
   name: str
+  tokenizer: tokenizer_lib.Tokenizer | None = None  # data.vocab='tokenizer'.
+  padded_vocab: int = 0  # data.vocab_size: > 0, the model's rows for a tokenizer's ids (a checkpoint's rounding).
+  tokens_per_char: float = 1.0  # Of the held-out windows: nats per token x this = nats per character.
 
   def __post_init__(self):
     if self.vocab is not None:
@@ -47,6 +57,11 @@ class TextDataset:
         raise DataError(f'{self.name}: the vocabulary must be a non-empty tuple of single characters')
       if len(set(self.vocab)) != len(self.vocab):
         raise DataError(f'{self.name}: the vocabulary repeats characters; each must appear once')
+    if self.tokenizer is not None and self.vocab is not None:
+      raise DataError(f'{self.name}: a dataset has a character vocabulary or a tokenizer, not both')
+    if self.padded_vocab and (self.tokenizer is None or self.padded_vocab < self.tokenizer.size):
+      raise DataError(f'{self.name}: padded_vocab={self.padded_vocab} rounds up a tokenizer\'s vocabulary; it '
+                      'needs one with at most that many tokens')
     dtype = _token_dtype(self.vocab_size)
     for split in ('train', 'test'):
       tokens = getattr(self, f'{split}_tokens')
@@ -68,6 +83,8 @@ class TextDataset:
 
   @property
   def vocab_size(self) -> int:
+    if self.tokenizer is not None:
+      return self.padded_vocab or self.tokenizer.size
     return 256 if self.vocab is None else len(self.vocab)
 
   @property
@@ -91,6 +108,10 @@ class TextDataset:
   def summary(self) -> str:
     """One line for the start of a run."""
     vocab = 'bytes' if self.vocab is None else f'{self.vocab_size} characters'
+    if self.tokenizer is not None:
+      padding = f', {self.vocab_size:,} rows' if self.padded_vocab else ''
+      vocab = f'{self.tokenizer.size:,} tokens of {self.tokenizer.path}{padding} ({1 / self.tokens_per_char:.2f} ' \
+              'characters per held-out token)'
     return (f'{self.name}: {self.num_train:,} training windows of {self.seq_len} tokens, {len(self.test_tokens):,} '
             f'held out; vocabulary {vocab}')
 
@@ -107,6 +128,8 @@ class TextDataset:
 
   def encode(self, text: str) -> np.ndarray:
     """int32 token ids of `text`; a character outside the vocabulary raises DataError naming it."""
+    if self.tokenizer is not None:
+      return self.tokenizer.encode(text)
     if self.vocab is None:
       return np.frombuffer(_utf8(text, self.name), np.uint8).astype(np.int32)
     codepoints = _utf32(text, self.name)
@@ -129,6 +152,8 @@ class TextDataset:
     if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
       raise DataError(f'{self.name}: ids span [{ids.min()}, {ids.max()}], outside the vocabulary '
                       f'[0, {self.vocab_size})')
+    if self.tokenizer is not None:
+      return self.tokenizer.decode(ids)
     if self.vocab is None:
       return ids.astype(np.uint8).tobytes().decode('utf-8', errors='replace')
     return self._codepoints[ids].tobytes().decode('utf-32-le')
@@ -160,16 +185,28 @@ def load_text(data_config, *, process_index: int = 0, process_count: int = 1) ->
     # model (its embedding table) is the same as the final run's.
     name += ' (validation)'
     texts = (*_split_tail(train_text, data_config, f'{name}: the train text', 'validation_fraction'), test_text)
-  vocab, (train_ids, test_ids, *_) = _tokenize(data_config.vocab, texts)
+  seq_len, tokens_per_char, tokenizer = data_config.seq_len, 1.0, None
+  if data_config.vocab == 'tokenizer':
+    tokenizer, vocab = tokenizer_lib.Tokenizer(data_config.tokenizer), None
+    if 0 < data_config.vocab_size < tokenizer.size:
+      raise DataError(f'config.data.vocab_size={data_config.vocab_size} is below the {tokenizer.size:,} tokens of '
+                      f'{tokenizer.path}: the model needs a row for each (0: exactly that many)')
+    train_ids = tokenizer.encode(texts[0])
+    test_ids, ends = tokenizer.encode(texts[1], with_ends=True)
+    covered = len(test_ids) // seq_len * seq_len  # The held-out windows' tokens, and the characters they cover.
+    tokens_per_char = covered / int(ends[covered - 1]) if covered else 1.0
+    dtype = _token_dtype(data_config.vocab_size or tokenizer.size)
+    train_ids, test_ids = train_ids.astype(dtype), test_ids.astype(dtype)
+  else:
+    vocab, (train_ids, test_ids, *_) = _tokenize(data_config.vocab, texts)
   del train_text, test_text, texts  # Free the corpus (text8: 100 MB) before the shard's copy.
   from_tfds = data_config.source == 'text' and not data_config.path
-  seq_len = data_config.seq_len
   train = _windows(train_ids, seq_len, name, 'train', from_tfds)
   test = _windows(test_ids, seq_len, name, 'test', from_tfds)
   if process_count > 1:
     start, stop = _shard_bounds(len(train), (process_index, process_count), name, seq_len)
     train = train[start:stop].copy()  # A copy frees the full split.
-  data = TextDataset(train, test, vocab, name)
+  data = TextDataset(train, test, vocab, name, tokenizer, data_config.vocab_size, tokens_per_char)
   logging.debug('Loaded text %s: %s vocabulary of %d, train %d windows (process %d of %d), test %d windows, '
                'seq_len %d.', name, data_config.vocab, data.vocab_size, data.num_train, process_index,
                process_count, len(test), seq_len)
@@ -183,6 +220,14 @@ def _check_config(data_config, process_index: int, process_count: int) -> None:
     raise DataError(f'config.data.source={data_config.source!r} is not a text source; use one of {sources}')
   if data_config.vocab not in VOCABS:
     raise DataError(f'config.data.vocab={data_config.vocab!r} is not one of {VOCABS}')
+  if data_config.vocab == 'tokenizer':
+    tokenizer_lib.resolve(data_config.tokenizer)
+  padded = data_config.vocab_size
+  if isinstance(padded, bool) or not isinstance(padded, (int, np.integer)) or padded < 0:
+    raise DataError(f'config.data.vocab_size={padded!r} must be an integer >= 0 (0: the vocabulary\'s own size)')
+  if padded and data_config.vocab != 'tokenizer':
+    raise DataError(f'config.data.vocab_size={padded} rounds up a tokenizer\'s vocabulary (data.vocab='
+                    f"'tokenizer'); data.vocab={data_config.vocab!r} has its own size: set it to 0")
   seq_len = data_config.seq_len
   if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or seq_len < 2:
     raise DataError(f'config.data.seq_len={seq_len!r} must be an integer >= 2 (a model predicts tokens from '

@@ -127,7 +127,8 @@ def _text_outer(pre: Pretrained, fresh: dict, end_to_end: bool, model_config, wh
   embed = pre.outer['token_embed']
   if embed.shape[0] != vocab:
     raise ValueError(f'{where}: the token embedding has {embed.shape[0]} rows; the data\'s vocabulary has {vocab} '
-                     'tokens (config.data.vocab and the checkpoint\'s vocabulary must agree)')
+                     "tokens: read the data with the checkpoint's tokenizer (config.data.vocab='tokenizer', "
+                     f'data.tokenizer=its folder, data.vocab_size={embed.shape[0]}; configs/text_hf.py does)')
   head = pre.outer['head']
   if head is None and not model_config.tie_embeddings:
     head = embed.T  # A tied checkpoint into an untied model: the head starts as the embedding.

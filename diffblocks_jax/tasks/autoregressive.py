@@ -38,7 +38,12 @@ AR_SOLVERS = ('euler', 'ancestral')  # eval.solver for 'ar_dblock'.
 def normalised_table(model, block) -> jax.Array:
   """Ê: the token embedding rows of the outer parts that `block` runs between, L2-normalised (V, h)."""
   table = model.outer(model.block(block)).embedding_table().astype(jnp.float32)
-  return table / jnp.linalg.norm(table, axis=-1, keepdims=True)
+  # A zero row stays zero, value and gradient: checkpoints keep their padding token's row at zero (torch's
+  # Embedding(padding_idx=...)), and a plain norm would make the whole table, so the loss, NaN.
+  # (The double where: no rsqrt of 0 in either branch, so the gradient of a zero row is 0, not NaN or 1e15.)
+  squared = jnp.sum(table * table, axis=-1, keepdims=True)
+  nonzero = squared > 0
+  return table * jnp.where(nonzero, jax.lax.rsqrt(jnp.where(nonzero, squared, 1.0)), 0.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,7 +237,7 @@ def make_evaluator(exp, workdir: str):
   if not exp.blockwise:
     own = language.Scorer(graphdef, lambda model, x: token_nll(at_eval_depth(model, c), x))
     held_out = lambda params, tokens, key, batch: {
-        'eval/bpc': own.mean_nll(tokens, batch, params) * language.BITS_PER_NAT}
+        'eval/bpc': language.bits_per_char(own.mean_nll(tokens, batch, params), exp.data)}
     # The plain LM scores its own samples; a recurrent-depth baseline is judged as DiffusionBlocks is.
     scorer = language.load_scorer(exp, token_nll) if hasattr(model_class, 'eval_depth') else own
   else:

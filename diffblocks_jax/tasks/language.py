@@ -10,8 +10,10 @@ autoregressive tasks share (tasks/masked_lm.py and tasks/autoregressive.py say w
   DiffusionBlocks    eval/gen_ppl: perplexity of its samples under the end-to-end run of eval.scorer_workdir;
                      eval/sample_entropy.
 
-eval/sample_entropy is the entropy (bits) of each sample's own character frequencies, averaged over samples:
-a model that collapses to repeating a few characters scores low while its perplexity may look good.
+eval/sample_entropy is the entropy (bits) of each sample's own token frequencies (characters for
+data.vocab='char'), averaged over samples: a model that collapses to repeating a few tokens scores low while its
+perplexity may look good. eval/gen_ppl is per token; held-out bits are per character whatever the vocabulary
+(`bits_per_char`).
 Samples go to WORKDIR/samples/step_<N>.txt, one per paragraph.
 """
 
@@ -31,6 +33,12 @@ from diffblocks_jax.tasks import registry
 
 DEFAULT_NUM_SAMPLES = 64  # eval.num_samples = 0.
 BITS_PER_NAT = 1.0 / math.log(2.0)
+
+
+def bits_per_char(nats_per_token, data) -> float:
+  """Nats per held-out token -> bits per character of the held-out text (per byte for data.vocab='byte'), so that
+  runs with a character vocabulary and with a tokenizer compare (`TextDataset.tokens_per_char`)."""
+  return float(nats_per_token) * BITS_PER_NAT * data.tokens_per_char
 
 
 def sample_entropy(tokens: np.ndarray) -> float:
@@ -85,7 +93,8 @@ def load_scorer(exp, token_nll) -> Scorer | None:
                               f'{" or ".join(map(repr, baselines))})')
   _, scorer_exp, state = exp.load_judge(
       'scorer_workdir', kind_error=kind_error, why='its perplexities would not compare',
-      data_fields=('source', 'name', 'path', 'vocab', 'seq_len', 'test_fraction', 'train_split', 'test_split'))
+      data_fields=('source', 'name', 'path', 'vocab', 'tokenizer', 'vocab_size', 'seq_len', 'test_fraction',
+                   'train_split', 'test_split'))
   logging.info('Sample perplexity: the autoregressive model of %s (checkpoint step %d).', path, int(state.step))
   return Scorer(scorer_exp.graphdef, token_nll, state.params, path)
 

@@ -236,9 +236,9 @@ def make_evaluator(exp, workdir: str):
 
   def held_out(params, tokens, key, batch):
     terms = language.mean_over_rows(lambda x, i: bound(params, x, jax.random.fold_in(key, i)), tokens, batch)
-    metrics = {'eval/bpc': float(terms.sum() * language.BITS_PER_NAT)}
+    metrics = {'eval/bpc': language.bits_per_char(terms.sum(), exp.data)}
     if len(terms) > 1:
-      metrics.update({f'eval/bpc_block{b}': float(v * language.BITS_PER_NAT) for b, v in enumerate(terms)})
+      metrics.update({f'eval/bpc_block{b}': language.bits_per_char(v, exp.data) for b, v in enumerate(terms)})
     return metrics
 
   return language.LanguageEvaluator(exp, workdir, sample_fn=make_sample_fn(exp.graphdef, exp.config, exp.data),

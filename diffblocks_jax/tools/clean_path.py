@@ -30,8 +30,8 @@ def clean_bits(exp, params, key) -> dict[str, float]:
   config, tokens = exp.config, exp.data.test_tokens
   if not exp.blockwise:
     nll = jax.jit(lambda p, x: autoregressive.token_nll(nnx.merge(exp.graphdef, p), x)[:, 1:].mean(-1))
-    return {'clean_bpc': float(language.mean_over_rows(lambda x, i: nll(params, x), tokens, exp.eval_batch_size))
-            * language.BITS_PER_NAT}
+    return {'clean_bpc': language.bits_per_char(
+        language.mean_over_rows(lambda x, i: nll(params, x), tokens, exp.eval_batch_size), exp.data)}
   task, plan = autoregressive.make_task(config), autoregressive.partition(config)
 
   def per_block(p, x, k, b):
@@ -47,7 +47,7 @@ def clean_bits(exp, params, key) -> dict[str, float]:
   for b in range(plan.num_blocks):
     bits = language.mean_over_rows(lambda x, i: fn(params, x, jax.random.fold_in(key, i), b), tokens,
                                    exp.eval_batch_size)
-    out[f'clean_bpc_block{b}'] = float(bits) * language.BITS_PER_NAT
+    out[f'clean_bpc_block{b}'] = language.bits_per_char(bits, exp.data)
   return out
 
 

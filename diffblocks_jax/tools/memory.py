@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffblocks_jax import config as config_lib
-from diffblocks_jax.data import dataset, input_pipeline, text
+from diffblocks_jax.data import dataset, input_pipeline, text, tokenizer
 from diffblocks_jax.tasks import registry
 from diffblocks_jax.training import experiment, sharding, train
 
@@ -129,6 +129,8 @@ def data_dims(config, **given: int | None) -> dict[str, int]:
   known = KNOWN_DIMS.get(d.name or d.path.rstrip('/').split('/')[-1], {})
   if family == 'text' and d.vocab == 'byte':
     known = dict(vocab_size=256)
+  elif family == 'text' and d.vocab == 'tokenizer':  # Its file is small: read its size rather than ask for it.
+    known = dict(vocab_size=d.vocab_size or tokenizer.Tokenizer(d.tokenizer).size)
   dims = {k: given.get(k) or known.get(k) for k in needed}
   missing = [k for k, v in dims.items() if not v]
   if missing:
