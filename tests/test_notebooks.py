@@ -222,6 +222,48 @@ def test_language_notebook(tmp_path):
   assert re.search(r'text_mdm \(mdm\) \(from its curve, bits per character\): block 0 [0-9.]+', text(nb)), text(nb)
 
 
+# The judge (an end-to-end 'ar' run) and the two recurrent-depth runs, tiny, on the first 12k characters of the
+# CPython corpus; their configs are the shipped ones with hidden 16 and one epoch of batches of 128.
+DEPTH_TRAIN_SCRIPT = '''
+import sys
+from diffblocks_jax import config as config_lib
+from diffblocks_jax.training import train
+from diffblocks_jax.data import text
+
+corpus, judge, *workdirs = sys.argv[1:]
+with open(corpus, 'w', encoding='utf-8') as f:
+  f.write(text.pydoc_text()[:12_000])
+for name, workdir in zip(('text_ar', 'text_rd', 'text_rd_dblock'), (judge, *workdirs)):
+  config = config_lib.load_file(f'configs/{name}.py')
+  config.data.source, config.data.path, config.data.seq_len, config.data.test_fraction = 'text', corpus, 16, 0.1
+  config.model.hidden_size, config.model.num_heads = 16, 2
+  if name == 'text_ar':
+    config.model.num_layers = 2
+  config.train.batch_size, config.train.num_epochs, config.train.eval_every_epochs = 128, 1, 0.0
+  config.train.steps_per_call = config.train.log_every_steps = 1
+  config.eval.num_samples, config.eval.scorer_workdir = 2, '' if name == 'text_ar' else judge
+  train.train_and_evaluate(config, workdir)
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.long  # Opt-in, as the other language notebook test.
+def test_language_notebook_depth_curve(tmp_path):
+  """The depth curve of both recurrent-depth kinds: each scored by its judge at N = 1, 2, 4, and drawn."""
+  env = cached_env(tmp_path / 'xla_cache')
+  judge, rd, rd_dblock = (str(tmp_path / name) for name in ('text_ar', 'text_rd', 'text_rd_dblock'))
+  check_process([sys.executable, '-c', DEPTH_TRAIN_SCRIPT, str(tmp_path / 'corpus.txt'), judge, rd, rd_dblock],
+                str(tmp_path / 'train.log'), env, timeout=HANG_GUARD_S)
+  nb = execute('language', env, DIFFBLOCKS_WORKDIRS=f'{rd},{rd_dblock}', DIFFBLOCKS_DEPTHS='1,2,4',
+               DIFFBLOCKS_DEPTH_SAMPLES='2', DIFFBLOCKS_HELDOUT='16', DIFFBLOCKS_NUM_SAMPLES='2')
+  assert all(cell.execution_count for cell in nb.cells if cell.cell_type == 'code'), text(nb)
+  assert num_figures(nb) >= 3, text(nb)  # The per-block terms, the depth curve, the training curves.
+  for name, kind in (('text_rd', 'rd'), ('text_rd_dblock', 'rd_dblock')):
+    for depth in (1, 2, 4):
+      assert re.search(rf'{name} \({kind}\): depth {depth}: gen_ppl [0-9.]+, sample entropy [0-9.]+ bits '
+                       r'\(2 samples\)', text(nb)), text(nb)
+
+
 @pytest.mark.parametrize('name', sorted(NOTEBOOKS))
 def test_committed_notebooks_have_no_outputs(name):
   nb = nbformat.read(NOTEBOOKS[name], as_version=4)
