@@ -143,3 +143,13 @@ def test_a_checkpoint_fine_tunes_block_wise_on_its_tokenizers_ids(tmp_path):
   assert records[-1]['step'] > 0
   samples = os.listdir(os.path.join(workdir, 'samples'))
   assert samples and open(os.path.join(workdir, 'samples', samples[0]), encoding='utf-8').read().strip()
+
+
+@pytest.mark.slow
+def test_cli_refuses_a_checkpoint_smaller_than_its_tokenizer_and_writes_nothing(tmp_path):
+  workdir = tmp_path / 'run'
+  out = helpers.run_cli('--config=configs/text_hf.py', f'--workdir={workdir}', f'--config.data.vocab_size={TOKENS - 1}')
+  assert out.returncode == 2, out.stderr[-3000:]
+  last = out.stderr.strip().splitlines()[-1]
+  assert 'config.data.vocab_size=383 is below the 384 tokens of' in last and 'tokenizer.json' in last, last
+  assert 'Traceback' not in out.stderr and not workdir.exists()
