@@ -69,7 +69,7 @@ class Tokenizer:
     ids = np.concatenate([np.asarray(e.ids, np.int32) for e in encodings] or [np.zeros(0, np.int32)])
     if not with_ends:
       return ids
-    ends = [np.asarray([end for _, end in e.offsets], np.int64).reshape(-1) + start
+    ends = [np.asarray([end for _, end in e.offsets], np.int64) + start
             for e, start in zip(encodings, starts)]
     return ids, np.concatenate(ends or [np.zeros(0, np.int64)])
 
